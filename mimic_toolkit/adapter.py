@@ -1,0 +1,248 @@
+"""The adapter contract: everything the toolkit knows about one VLM lives in its adapter.
+
+The core (inversion loop, statistics, CLI) only calls the methods below and never asks which model
+it has. A new VLM is one subclass plus an `AdapterSpec` registered by a plugin. Most LLaVA-like
+models need only the class attributes and `feature_sites`; models whose image input is not a
+plain [B, 3, H, W] batch override `pixel_inputs` (and `text_inputs` for extra text-side inputs).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .errors import UserError
+from .specs import AdapterSpec
+
+IGNORE_INDEX = -100
+_IMAGE_MARKER = "\x00MIMIC_IMAGE\x00"  # stands in for the image while the chat template renders
+
+
+@dataclass
+class Prompt:
+    """A tokenised chat with the image in the first user turn and the target answer last.
+
+    input_ids / labels: [L]; labels are IGNORE_INDEX everywhere but on the target tokens.
+    image_positions: indices of the image tokens in input_ids.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    image_positions: torch.Tensor
+
+    @property
+    def target_ids(self) -> torch.Tensor:
+        return self.input_ids[self.labels != IGNORE_INDEX]
+
+    @property
+    def n_target(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+class VLMAdapter:
+    """Base class of every model adapter. Subclasses set the class attributes and implement
+    `feature_sites`, `vision_forward`, `image_token_count` and `tiny`."""
+
+    model_class: str = ""  # transformers class name, e.g. "LlavaForConditionalGeneration"
+    model_type: str = ""  # the checkpoint config's model_type, e.g. "llava"
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __init__(self, model, tokenizer, spec: AdapterSpec | None = None):
+        self.model = model.eval().requires_grad_(False)  # frozen: only the image is optimised
+        self.tokenizer = tokenizer
+        self.spec = spec
+
+    # -- loading --------------------------------------------------------------------------
+    @classmethod
+    def load(cls, checkpoint: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+             revision: str | None = None, trust_remote_code: bool = False,
+             spec: AdapterSpec | None = None) -> "VLMAdapter":
+        """Load from a local folder or a hub id (the hub needs a network)."""
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # our own panel reports progress
+        local = Path(checkpoint).expanduser()
+        if local.exists():
+            if not (local / "config.json").is_file():
+                raise UserError(f"'{checkpoint}' is not a model folder (it has no config.json)")
+            source = str(local)
+        elif _looks_like_hub_id(checkpoint):
+            source = checkpoint
+        else:
+            raise UserError(f"checkpoint folder '{checkpoint}' does not exist")
+        config = _load_config(source, revision, trust_remote_code)
+        if config.model_type != cls.model_type:
+            raise UserError(f"'{checkpoint}' holds a {config.model_type} model, not {cls.model_type}; "
+                            "choose the matching --model")
+        model_cls = getattr(transformers, cls.model_class)
+        try:
+            model = model_cls.from_pretrained(source, config=config, dtype=dtype, revision=revision,
+                                              trust_remote_code=trust_remote_code)
+            tokenizer = cls.load_tokenizer(source, revision=revision, trust_remote_code=trust_remote_code)
+        except OSError as exc:
+            raise UserError(f"could not load '{checkpoint}': {str(exc).splitlines()[0]}") from exc
+        return cls(model.to(device), tokenizer, spec=spec)
+
+    @classmethod
+    def load_tokenizer(cls, source: str, **kwargs):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "VLMAdapter":
+        """A randomly initialised model of this adapter's layout, a few hundred k parameters."""
+        raise NotImplementedError
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write a checkpoint folder that `load` reads back (used for tiny test checkpoints)."""
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+    # -- geometry and normalisation --------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def resolution(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.config.vision_config.patch_size
+
+    def normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as [3, 1, 1] fp32 tensors on the model's device."""
+        kw = dict(device=self.device, dtype=torch.float32)
+        return (torch.tensor(self.image_mean, **kw).view(3, 1, 1),
+                torch.tensor(self.image_std, **kw).view(3, 1, 1))
+
+    def pixel_box(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The valid [0, 1] pixel range expressed in normalised space, per channel."""
+        mean, std = self.normalisation()
+        return (0 - mean) / std, (1 - mean) / std
+
+    def normalise(self, pixels01: torch.Tensor) -> torch.Tensor:
+        mean, std = self.normalisation()
+        return (pixels01.to(mean.device) - mean) / std
+
+    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self.normalisation()
+        return (x * std + mean).clamp(0, 1)
+
+    def preprocess(self, images: list[Image.Image], resolution: int | None = None) -> torch.Tensor:
+        """Real images -> normalised [B, 3, R, R] the way the model's processor prepares them:
+        shortest side resized to R (bicubic), centre crop, scaled to [0, 1], normalised."""
+        side = resolution or self.resolution
+        batch = [_to_tensor(_resize_and_crop(image.convert("RGB"), side)) for image in images]
+        return self.normalise(torch.stack(batch))
+
+    # -- model inputs (differentiable) -----------------------------------------------------
+    def pixel_inputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalised fp32 images [B, 3, H, W] -> the model's image keyword arguments."""
+        return {"pixel_values": images.to(self.dtype)}
+
+    def text_inputs(self, prompt: Prompt, batch_size: int) -> dict[str, torch.Tensor]:
+        """The prompt's keyword arguments for a batch of `batch_size` images."""
+        ids = prompt.input_ids.to(self.device).unsqueeze(0).expand(batch_size, -1)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def target_logits(self, images: torch.Tensor, prompt: Prompt) -> torch.Tensor:
+        """Logits that predict each target token, [B, n_target, vocab], fp32. Only these
+        positions go through the LM head (the target is the end of the sequence)."""
+        n = prompt.n_target
+        out = self.model(**self.pixel_inputs(images), **self.text_inputs(prompt, images.shape[0]),
+                         logits_to_keep=n + 1, use_cache=False)
+        return out.logits[:, :-1].float()
+
+    # -- prompts -----------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    def image_token_count(self) -> int:
+        raise NotImplementedError
+
+    def image_placeholder_ids(self) -> list[int]:
+        """The token ids that stand for one image in `input_ids`, already expanded."""
+        return [self.image_token_id] * self.image_token_count()
+
+    def user_content(self, text: str, with_image: bool):
+        """A user message's content for the chat template (the image marker goes first)."""
+        return f"{_IMAGE_MARKER}\n{text}" if with_image else text
+
+    def build_prompt(self, turns: list[tuple[str, str]]) -> Prompt:
+        """Chat turns [(user, assistant), ...] -> Prompt. The image goes at the start of the first
+        user message; the last assistant message is the target (no end-of-turn token after it)."""
+        messages = []
+        for i, (user, assistant) in enumerate(turns):
+            messages.append({"role": "user", "content": self.user_content(user, with_image=i == 0)})
+            if i < len(turns) - 1:
+                messages.append({"role": "assistant", "content": assistant})
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        before, after = text.split(_IMAGE_MARKER)
+        encode = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # the template has BOS
+        image = self.image_placeholder_ids()
+        prompt_ids = encode(before) + image + encode(after)
+        target_ids = encode(turns[-1][1])
+        if not target_ids:
+            raise UserError("the target answer is empty")
+        ids = torch.tensor(prompt_ids + target_ids)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[len(prompt_ids):] = ids[len(prompt_ids):]
+        start = len(encode(before))
+        return Prompt(ids, labels, torch.arange(start, start + len(image)))
+
+    # -- vision tower ----------------------------------------------------------------------
+    def feature_sites(self) -> dict[str, torch.nn.Module]:
+        """Named vision-tower modules whose outputs give the feature statistics."""
+        raise NotImplementedError
+
+    def site_tokens(self, site: str, output, batch_size: int) -> torch.Tensor:
+        """A site's output -> [B, tokens, channels]. Handles [B, T, D] and conv maps [B, D, h, w];
+        adapters with packed outputs (no batch dimension) override it."""
+        if isinstance(output, tuple):
+            output = output[0]
+        if output.dim() == 4:
+            return output.flatten(2).transpose(1, 2)
+        return output
+
+    def vision_forward(self, images: torch.Tensor) -> None:
+        """Run only the vision tower on normalised images (what feature statistics need)."""
+        raise NotImplementedError
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def _load_config(source: str, revision: str | None, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not read the model config of '{source}': {str(exc).splitlines()[0]}") from exc
+
+
+def _resize_and_crop(image: Image.Image, side: int) -> Image.Image:
+    scale = side / min(image.size)
+    w, h = max(side, round(image.width * scale)), max(side, round(image.height * scale))
+    image = image.resize((w, h), Image.BICUBIC)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return data.view(image.height, image.width, 3).permute(2, 0, 1).float() / 255

@@ -1,0 +1,202 @@
+"""The `mimic` command line. Every bad input ends in one `error:` line and exit code 2."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from .errors import UserError
+from .registry import default_registry
+
+
+class _Commands(TyperGroup):
+    """Turns a UserError from any command (plugin commands included) into one line + exit 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+
+
+app = typer.Typer(cls=_Commands, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_show_locals=False,
+                  help="See what vision-language models see: model inversion and more.")
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """List every model adapter: id, aliases, plugin, native resolution, default settings."""
+    specs = default_registry().adapter_specs()
+    rows = [{"id": s.id, "aliases": list(s.aliases), "plugin": s.plugin, "resolution": s.resolution,
+             "defaults": s.defaults, "checkpoint": s.checkpoint, "tested_transformers": s.tested_transformers,
+             "description": s.description} for s in specs.values()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "aliases", "plugin", "px", "defaults", "transformers")
+    for r in rows:
+        defaults = ", ".join(f"{k}={v}" for k, v in r["defaults"].items() if k != "scales")
+        table.add_row(r["id"], ", ".join(r["aliases"]), r["plugin"], str(r["resolution"]), defaults,
+                      r["tested_transformers"])
+    Console().print(table)
+
+
+@app.command()
+def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """List loaded plugins and the hooks each implements."""
+    rows = [{"name": name, "hooks": hooks} for name, hooks in default_registry().plugins()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        typer.echo(f"{row['name']}: {', '.join(row['hooks'])}")
+
+
+def _parse_scales(pairs: list[str]) -> dict[str, float]:
+    scales = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            scales[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise UserError(f"--scale takes NAME=VALUE, got '{pair}'")
+    return scales
+
+
+@app.command()
+def invert(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Adapter id (`mimic models`)."),
+    checkpoint: Optional[str] = typer.Option(None, help="Local checkpoint folder or hub id."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of the checkpoint."),
+    class_index: Optional[int] = typer.Option(None, help="Concept from the prompt file (default: its first)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompt file (JSON: class_index, class_name, chat_sequence)."),
+    question: Optional[str] = typer.Option(None, help="Invert this question..."),
+    answer: Optional[str] = typer.Option(None, help="...with this target answer."),
+    stats: Optional[Path] = typer.Option(None, help="Feature-statistics file (or folder of them) from `mimic stats`."),
+    iterations: Optional[int] = typer.Option(None, help="Optimisation steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Images optimised together."),
+    lr: Optional[float] = typer.Option(None, help="Initial learning rate (cosine decay)."),
+    min_lr: Optional[float] = typer.Option(None, help="Final learning rate."),
+    jitter: Optional[int] = typer.Option(None, help="Random shift in pixels (reflect-padded)."),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips."),
+    seed: Optional[int] = typer.Option(None),
+    init: Optional[str] = typer.Option(None, help="noise | blank"),
+    resolution: Optional[int] = typer.Option(None, help="Image side (default: the model's native)."),
+    main_loss_scale: Optional[float] = typer.Option(None, help="Scale of the answer cross-entropy."),
+    feature_loss_scale: Optional[float] = typer.Option(None, help="Scale of the feature statistics (0 = off)."),
+    patch_loss_scale: Optional[float] = typer.Option(None, help="Scale of the patch-seam prior."),
+    tv_l1_loss_scale: Optional[float] = typer.Option(None, help="Scale of TV-L1."),
+    tv_l2_loss_scale: Optional[float] = typer.Option(None, help="Scale of TV-L2."),
+    l2_loss_scale: Optional[float] = typer.Option(None, help="Scale of the image L2 norm."),
+    scale: List[str] = typer.Option([], help="NAME=VALUE for any objective term, plugin terms too."),
+    feature_form: Optional[str] = typer.Option(None, help="l2 (the paper's) | kl"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16"),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code"),
+    outputs: Optional[Path] = typer.Option(None, help="Run folder (default runs/<model>-<class>-<time>)."),
+    log_every: Optional[int] = typer.Option(None, help="Log metrics every N steps."),
+    grid_every: Optional[int] = typer.Option(None, help="Save an image grid every N steps."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Save a resumable checkpoint every N steps."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these settings."),
+    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live panel."),
+):
+    """Synthesise images for which the model gives the target answer (MIMIC)."""
+    from .session import Interrupted, build_config, run_inversion, stop_on_ctrl_c
+
+    flags = dict(model=model, checkpoint=checkpoint, revision=revision, class_index=class_index,
+                 prompts=_str(prompts), question=question, answer=answer, stats=_str(stats),
+                 iterations=iterations, batch_size=batch_size, lr=lr, min_lr=min_lr, jitter=jitter, flip=flip,
+                 seed=seed, init=init, resolution=resolution, feature_form=feature_form, device=device,
+                 dtype=dtype, trust_remote_code=trust_remote_code, outputs=_str(outputs), log_every=log_every,
+                 grid_every=grid_every, checkpoint_every=checkpoint_every)
+    term_flags = {"main": main_loss_scale, "feature": feature_loss_scale, "patch": patch_loss_scale,
+                  "tv_l1": tv_l1_loss_scale, "tv_l2": tv_l2_loss_scale, "l2": l2_loss_scale}
+    scales = {**{k: v for k, v in term_flags.items() if v is not None}, **_parse_scales(scale)}
+    if scales:
+        flags["scales"] = scales
+    registry = default_registry()
+    settings = build_config(registry, flags, _str(config), _str(resume))
+    from .live import LivePanel
+
+    panel = None if quiet else LivePanel()
+    try:
+        with stop_on_ctrl_c() as stop_requested:
+            if panel:
+                with panel:
+                    folder = run_inversion(registry, settings, resume=_str(resume), progress=panel.update,
+                                           stop_requested=stop_requested)
+            else:
+                folder = run_inversion(registry, settings, resume=_str(resume), stop_requested=stop_requested)
+    except Interrupted as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(130)
+    typer.echo(f"run folder: {folder}\nreport:     {folder / 'report.html'}")
+
+
+@app.command()
+def stats(
+    images: Path = typer.Option(..., help="Folder of real images of the concept (searched recursively)."),
+    model: str = typer.Option("llava-llama3", "--model", "-m", help="Adapter id."),
+    checkpoint: Optional[str] = typer.Option(None, help="Local checkpoint folder or hub id."),
+    revision: Optional[str] = typer.Option(None),
+    out: Path = typer.Option(Path("stats"), help="Folder for the statistics file."),
+    class_index: Optional[int] = typer.Option(None, help="Record the concept, so `--stats FOLDER` finds it."),
+    batch_size: int = typer.Option(32),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto"),
+):
+    """Compute target feature statistics from a folder of images (runs only the vision tower)."""
+    from .config import resolve
+    from .features import compute_stats
+    from .session import Processes, load_adapter
+
+    registry = default_registry()
+    spec = registry.adapter_spec(model)
+    settings = resolve([dict(model=spec.id, checkpoint=checkpoint, revision=revision, device=device, dtype=dtype)])
+    adapter = load_adapter(spec, settings, Processes(device).device)
+    result = compute_stats(adapter, spec.id, images, batch_size=batch_size, class_index=class_index,
+                           on_skip=lambda message: typer.echo(message, err=True))
+    path = result.save(out)
+    typer.echo(f"{result.meta['image_count']} images, {len(result.sites)} sites -> {path}")
+
+
+@app.command()
+def report(run: Path = typer.Argument(..., help="A run folder.")):
+    """(Re)write a run folder's report.html."""
+    from .report import write_report
+
+    if not (run / "manifest.json").is_file():
+        raise UserError(f"'{run}' is not a run folder (no manifest.json)")
+    typer.echo(str(write_report(run)))
+
+
+def _str(value) -> Optional[str]:
+    return None if value is None else str(value)
+
+
+def _register_plugin_commands() -> None:
+    try:
+        registry = default_registry()
+    except UserError as exc:  # e.g. two plugins claim one name: still let `mimic plugins` etc. explain
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    registry.manager.hook.register_commands(cli=app)
+
+
+_register_plugin_commands()
+
+
+def main() -> None:
+    app()

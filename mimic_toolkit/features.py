@@ -1,0 +1,195 @@
+"""Vision-tower feature statistics: recording them during a forward pass, computing the targets
+from a folder of real images, and storing them content-addressed with their metadata."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .adapter import VLMAdapter
+from .errors import UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+FORMAT = "mimic-feature-stats/1"
+
+
+class FeatureRecorder:
+    """Forward hooks on the adapter's feature sites; after a forward pass `stats[site]` holds
+    (mean [B, D], var [B, D]) over each image's tokens, in fp32, still attached to the graph."""
+
+    def __init__(self, adapter: VLMAdapter, batch_size: int):
+        self.adapter, self.batch_size = adapter, batch_size
+        self.stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles = []
+
+    def __enter__(self):
+        for site, module in self.adapter.feature_sites().items():
+            self._handles.append(module.register_forward_hook(self._hook(site)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, site):
+        def record(module, inputs, output):
+            tokens = self.adapter.site_tokens(site, output, self.batch_size).float()
+            self.stats[site] = (tokens.mean(1), tokens.var(1, unbiased=False))
+        return record
+
+
+@dataclass
+class FeatureStats:
+    """Target mean and variance per site, with the metadata that says what they belong to."""
+
+    mean: dict[str, torch.Tensor]
+    var: dict[str, torch.Tensor]
+    meta: dict[str, str]
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.mean)
+
+    def targets(self, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {s: (self.mean[s].to(device, torch.float32), self.var[s].to(device, torch.float32))
+                for s in self.mean}
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write under a name derived from the content; an existing file is never edited."""
+        from safetensors.torch import save
+
+        tensors = {}
+        for site in self.mean:
+            tensors[f"{site}/mean"] = self.mean[site].contiguous()
+            tensors[f"{site}/var"] = self.var[site].contiguous()
+        blob = save(tensors, metadata=self.meta)
+        digest = hashlib.sha256(blob).hexdigest()[:16]
+        model = self.meta["model"].replace("/", "_")
+        path = Path(folder) / f"{model}-{self.meta['resolution']}px-{self.meta['image_count']}img-{digest}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            tmp = path.with_suffix(".partial")
+            tmp.write_bytes(blob)
+            tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FeatureStats":
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"statistics file '{path}' does not exist")
+        try:
+            data = path.read_bytes()
+            tensors = load(data)
+            meta = _read_metadata(data)
+        except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+            raise UserError(f"'{path}' is not a feature-statistics file ({exc})") from exc
+        if meta.get("format") != FORMAT:
+            raise UserError(f"'{path}' is not a feature-statistics file (format is {meta.get('format')!r})")
+        sites = json.loads(meta["sites"])
+        return cls({s: tensors[f"{s}/mean"] for s in sites}, {s: tensors[f"{s}/var"] for s in sites}, meta)
+
+    @classmethod
+    def find(cls, source: str | os.PathLike, model_id: str, class_index: int) -> "FeatureStats":
+        """`source` is a statistics file, or a folder of them: then the one made for this model
+        and concept (`mimic stats --class-index N`) is used."""
+        folder = Path(source)
+        if not folder.is_dir():
+            return cls.load(folder)
+        for path in sorted(folder.glob("*.safetensors")):
+            meta = _read_metadata(path.read_bytes()[:1 << 20])
+            if meta.get("model") == model_id and meta.get("class_index") == str(class_index):
+                return cls.load(path)
+        raise UserError(f"statistics folder '{source}' has no file for model '{model_id}' and "
+                        f"class index {class_index} (make one with `mimic stats --class-index {class_index}`)")
+
+    def check_matches(self, adapter: VLMAdapter, model_id: str, resolution: int, source: str = "") -> None:
+        """Refuse statistics of another model, other sites or another resolution, naming the field."""
+        where = f"statistics file {source}" if source else "the statistics"
+        if self.meta["model"] != model_id:
+            raise UserError(f"{where} were computed for model '{self.meta['model']}', not '{model_id}'")
+        sites = list(adapter.feature_sites())
+        if self.sites != sites:
+            missing = [s for s in sites if s not in self.mean][:3]
+            extra = [s for s in self.sites if s not in sites][:3]
+            raise UserError(f"{where} have other feature sites than the model "
+                            f"(missing: {', '.join(missing) or '-'}; not in the model: {', '.join(extra) or '-'})")
+        if int(self.meta["resolution"]) != resolution:
+            raise UserError(f"{where} were computed at resolution {self.meta['resolution']}, this run uses {resolution}")
+        revision = adapter_revision(adapter)
+        if self.meta.get("revision") and revision and self.meta["revision"] != revision:
+            raise UserError(f"{where} were computed on model revision {self.meta['revision']}, this checkpoint is {revision}")
+        with torch.no_grad(), FeatureRecorder(adapter, 1) as recorder:
+            grey = torch.full((1, 3, resolution, resolution), 0.5, device=adapter.device)
+            adapter.vision_forward(adapter.normalise(grey))
+        for site, (mean, _) in recorder.stats.items():
+            if mean.shape[-1] != self.mean[site].shape[-1]:
+                raise UserError(f"{where}: site {site} has {self.mean[site].shape[-1]} channels, "
+                                f"the model has {mean.shape[-1]} (another checkpoint size?)")
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + header_len]).get("__metadata__", {})
+
+
+def adapter_revision(adapter: VLMAdapter) -> str:
+    """The checkpoint revision if it came from the hub with one ("" for local folders)."""
+    return getattr(adapter.model.config, "_commit_hash", None) or ""
+
+
+def find_images(folder: str | os.PathLike) -> list[Path]:
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"image folder '{folder}' does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"image folder '{folder}' has no images (.jpg, .jpeg, .png, .webp)")
+    return files
+
+
+def compute_stats(adapter: VLMAdapter, model_id: str, folder: str | os.PathLike, *,
+                  resolution: int | None = None, batch_size: int = 32, class_index: int | None = None,
+                  on_skip=print) -> FeatureStats:
+    """Targets from real images: only the vision tower runs; per-image token statistics are
+    averaged over images (accumulated in fp64). Unreadable images are skipped and reported."""
+    files = find_images(folder)
+    side = resolution or adapter.resolution
+    sums: dict[str, list[torch.Tensor]] = {}
+    used = 0
+    for start in range(0, len(files), batch_size):
+        images = []
+        for path in files[start:start + batch_size]:
+            try:
+                with Image.open(path) as image:
+                    images.append(image.convert("RGB"))
+            except (UnidentifiedImageError, OSError) as exc:
+                on_skip(f"skipped unreadable image {path}: {type(exc).__name__}")
+        if not images:
+            continue
+        with torch.no_grad(), FeatureRecorder(adapter, len(images)) as recorder:
+            adapter.vision_forward(adapter.preprocess(images, side))
+        for site, (mean, var) in recorder.stats.items():
+            acc = sums.setdefault(site, [0, 0])
+            acc[0] = acc[0] + mean.double().sum(0).cpu()
+            acc[1] = acc[1] + var.double().sum(0).cpu()
+        used += len(images)
+    if not used:
+        raise UserError(f"no readable images in '{folder}'")
+    listing = "\n".join(str(p.relative_to(folder)) for p in files)
+    meta = {"format": FORMAT, "model": model_id, "revision": adapter_revision(adapter),
+            "sites": json.dumps(list(sums)), "resolution": str(side), "image_count": str(used),
+            "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+    if class_index is not None:
+        meta["class_index"] = str(class_index)
+    return FeatureStats({s: (m / used).float() for s, (m, _) in sums.items()},
+                        {s: (v / used).float() for s, (_, v) in sums.items()}, meta)

@@ -1,0 +1,120 @@
+"""The inversion step: optimise a batch of images so the frozen VLM gives the target answer.
+
+`Inversion` owns the image parameter, its optimiser, the augmentation RNG and the step counter;
+its `state_dict` is everything a bit-identical resume needs. It knows nothing of files or UIs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .adapter import Prompt, VLMAdapter
+from .config import InversionConfig
+from .features import FeatureRecorder
+from .terms import StepContext
+
+
+@dataclass
+class ActiveTerm:
+    name: str
+    fn: Callable[[StepContext], torch.Tensor]
+    scale: float
+
+
+class Inversion:
+    def __init__(self, adapter: VLMAdapter, prompt: Prompt, config: InversionConfig,
+                 terms: list[ActiveTerm], stats=None, rank: int = 0):
+        self.adapter, self.prompt, self.config = adapter, prompt, config
+        self.terms = [t for t in terms if t.scale != 0]  # a term at scale 0 is never computed
+        self.uses_features = any(t.name == "feature" for t in self.terms)
+        self.stats = stats.targets(adapter.device) if stats is not None else None
+        self.targets = prompt.target_ids.to(adapter.device)
+        self.low, self.high = adapter.pixel_box()
+        # One CPU generator drives init, jitter and flips: the same on any device, and
+        # offset by rank so that every process of a multi-GPU run makes different images.
+        self.generator = torch.Generator().manual_seed(config.seed + rank)
+        side = config.resolution
+        shape = (config.batch_size, 3, side, side)
+        if config.init == "noise":
+            init = torch.randn(shape, generator=self.generator).to(adapter.device)
+        else:
+            init = self.low.expand(shape).clone()  # black
+        self.images = init.clamp(self.low, self.high).requires_grad_(True)
+        self.optimizer = torch.optim.Adam([self.images], lr=config.lr, betas=(0.5, 0.9), eps=1e-8)
+        self.step = 0
+
+    def lr_at(self, step: int) -> float:
+        """Cosine decay from lr to min_lr over the run, no warm-up."""
+        c = self.config
+        return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * step / c.iterations))
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """Random shift of up to `jitter` pixels (reflect-padded, then cropped) and flip."""
+        jitter = self.config.jitter
+        if jitter:
+            dx, dy = torch.randint(0, 2 * jitter + 1, (2,), generator=self.generator).tolist()
+            side = images.shape[-1]
+            padded = F.pad(images, (jitter,) * 4, mode="reflect")
+            images = padded[:, :, dy:dy + side, dx:dx + side]
+        if self.config.flip and torch.rand((), generator=self.generator) < 0.5:
+            images = images.flip(-1)
+        return images
+
+    def run_step(self, want_metrics: bool = False) -> dict | None:
+        """One optimisation step. Metrics (which need host syncs) only when asked for."""
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        pixels = self.augment(self.images)
+        recorder = FeatureRecorder(self.adapter, pixels.shape[0]) if self.uses_features else None
+        if recorder:
+            with recorder:
+                logits = self.adapter.target_logits(pixels, self.prompt)
+        else:
+            logits = self.adapter.target_logits(pixels, self.prompt)
+        ctx = StepContext(pixels=pixels, logits=logits, targets=self.targets,
+                          features=recorder.stats if recorder else {}, stats=self.stats,
+                          patch_size=self.adapter.patch_size, feature_form=self.config.feature_form)
+        values = {t.name: t.fn(ctx) for t in self.terms}
+        loss = sum(t.scale * values[t.name] for t in self.terms)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        metrics = self._metrics(loss, values, logits, lr) if want_metrics else None
+        self.optimizer.step()
+        with torch.no_grad():
+            self.images.clamp_(self.low, self.high)
+        self.step += 1
+        return metrics
+
+    def _metrics(self, loss, values, logits, lr) -> dict:
+        with torch.no_grad():
+            probs = logits.softmax(-1)  # [B, n, V]
+            p_token = probs.gather(-1, self.targets.expand(probs.shape[0], -1).unsqueeze(-1))[..., 0]
+            mean_probs = probs.mean(0)
+            top_p, top_ids = mean_probs.topk(5, dim=-1)
+            decode = self.adapter.tokenizer.convert_ids_to_tokens
+            return {
+                "step": self.step + 1, "lr": lr, "loss": float(loss),
+                "terms": {name: float(v) for name, v in values.items()},
+                "grad_norm": float(self.images.grad.norm()),
+                "p_target": p_token.mean(0).tolist(),  # per target token, mean over images
+                "p_answer": float(p_token.prod(-1).mean()),  # whole answer, mean over images
+                "top5": [list(zip(decode(ids.tolist()), [round(p, 4) for p in ps.tolist()]))
+                         for ids, ps in zip(top_ids, top_p)],
+            }
+
+    # -- resume ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "images": self.images.detach().cpu(),
+                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.images.copy_(state["images"].to(self.images.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])

@@ -1,0 +1,166 @@
+"""One run = one folder. While a run is in progress it lives at `<name>.partial`; it is renamed to
+`<name>` only when complete, so a finished-looking folder is never half-written."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import Image
+
+from .errors import UserError
+
+PARTIAL = ".partial"
+
+
+class RunFolder:
+    def __init__(self, final: Path, rank: int = 0, world_size: int = 1):
+        self.final = Path(final)
+        self.path = self.final.with_name(self.final.name + PARTIAL)
+        self.rank, self.world_size = rank, world_size
+        # per-process files carry the rank only when there is more than one process
+        self.tag = f".rank{rank}" if world_size > 1 else ""
+
+    @classmethod
+    def for_resume(cls, given: str | os.PathLike, rank: int = 0, world_size: int = 1) -> "RunFolder":
+        path = Path(given)
+        final = path.with_name(path.name[: -len(PARTIAL)]) if path.name.endswith(PARTIAL) else path
+        run = cls(final, rank, world_size)
+        if not run.path.is_dir():
+            if run.final.is_dir():
+                raise UserError(f"run '{run.final}' is already complete; nothing to resume")
+            raise UserError(f"resume folder '{given}' does not exist")
+        if not (run.path / "config.yaml").is_file() or not run.checkpoint_path.is_file():
+            raise UserError(f"'{run.path}' is not a resumable run (no config.yaml or {run.checkpoint_path.name})")
+        return run
+
+    def create(self) -> None:
+        if self.final.exists():
+            raise UserError(f"output folder '{self.final}' already exists; choose another --outputs")
+        if self.path.exists():
+            raise UserError(f"'{self.path}' holds an unfinished run; continue it with --resume {self.path} "
+                            "or remove it")
+        (self.path / "images").mkdir(parents=True)
+        (self.path / "grids").mkdir()
+
+    # -- files -----------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / f"checkpoint{self.tag}.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / f"metrics{self.tag}.jsonl"
+
+    def write_config(self, config: dict) -> None:
+        _atomic_write(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    def read_config(self) -> dict:
+        return yaml.safe_load((self.path / "config.yaml").read_text())
+
+    def write_manifest(self, manifest: dict) -> None:
+        _atomic_write(self.path / "manifest.json", json.dumps(manifest, indent=2))
+
+    def read_manifest(self) -> dict:
+        path = self.path / "manifest.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def append_metrics(self, row: dict) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume, drop rows logged after the checkpoint: they will be logged again."""
+        if self.metrics_path.is_file():
+            rows = [line for line in self.metrics_path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= after_step]
+            _atomic_write(self.metrics_path, "".join(r + "\n" for r in rows))
+
+    def save_checkpoint(self, state: dict) -> None:
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.checkpoint_path)
+
+    def load_checkpoint(self) -> dict:
+        # weights_only: a checkpoint can hold tensors and plain data, never code
+        return torch.load(self.checkpoint_path, weights_only=True, map_location="cpu")
+
+    def save_images(self, images01: torch.Tensor) -> list[Path]:
+        prefix = f"rank{self.rank}_" if self.world_size > 1 else ""
+        paths = []
+        for i, image in enumerate(images01):
+            path = self.path / "images" / f"{prefix}{i:02d}.png"
+            to_pil(image).save(path)
+            paths.append(path)
+        return paths
+
+    def save_grid(self, images01: torch.Tensor, step: int) -> Path:
+        path = self.path / "grids" / f"step_{step:06d}{self.tag}.png"
+        grid(images01).save(path)
+        return path
+
+    def finish(self) -> Path:
+        self.path.rename(self.final)
+        return self.final
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def to_pil(image01: torch.Tensor) -> Image.Image:
+    data = (image01.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(data.permute(1, 2, 0).contiguous().numpy())
+
+
+def grid(images01: torch.Tensor, gap: int = 2) -> Image.Image:
+    """The batch side by side in one row, on white."""
+    b, _, h, w = images01.shape
+    canvas = Image.new("RGB", (b * w + (b - 1) * gap, h), "white")
+    for i, image in enumerate(images01):
+        canvas.paste(to_pil(image), (i * (w + gap), 0))
+    return canvas
+
+
+def manifest(config: dict, adapter, device: str, world_size: int) -> dict:
+    """Provenance: versions, model, seed, device, git commit, timings (filled in as the run goes)."""
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "mimic_toolkit": version("mimic-toolkit"),
+        "packages": {n: version(n) for n in ("torch", "transformers", "accelerate", "pluggy")},
+        "python": platform.python_version(),
+        "model": config["model"], "adapter": type(adapter).__name__,
+        "plugin": adapter.spec.plugin if adapter.spec else None,
+        "checkpoint": config["checkpoint"],
+        "revision": getattr(adapter.model.config, "_commit_hash", None) or config.get("revision"),
+        "seed": config["seed"], "world_size": world_size, "device": device,
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        "git_commit": _git_commit(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _git_commit() -> str | None:
+    """The toolkit's git commit when it runs from a checkout."""
+    if not shutil.which("git"):
+        return None
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -1,0 +1,240 @@
+"""Turns settings into a finished run folder: resolves the config, checks every input before any
+work starts, loads the model, runs the inversion with checkpoints, writes images and the report."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import InversionConfig, normalise_keys, read_config_file, resolve
+from .errors import UserError
+from .features import FeatureStats
+from .invert import ActiveTerm, Inversion
+from .prompts import IMAGENET_PROMPTS, direct, load_prompts, select
+from .registry import Registry
+from .runfolder import RunFolder, manifest
+from .specs import AdapterSpec
+
+# Settings that may differ when a run is resumed (they do not change the result).
+RESUME_MAY_CHANGE = {"device", "outputs"}
+
+
+class Interrupted(Exception):
+    """Ctrl-C: a checkpoint was saved; the run can be resumed."""
+
+    def __init__(self, run: RunFolder, step: int):
+        super().__init__(f"interrupted at step {step}; checkpoint saved. Continue with: "
+                         f"mimic invert --resume {run.path}")
+
+
+def build_config(registry: Registry, flags: dict, config_file: str | None = None,
+                 resume: str | None = None) -> InversionConfig:
+    """defaults < the model's defaults < config file < flags; with `resume`, the run's own config,
+    and any setting given again must agree with it."""
+    file_layer = read_config_file(config_file) if config_file else {}
+    given = {**file_layer, **{k: v for k, v in flags.items() if v is not None}}
+    if resume:
+        stored = normalise_keys(RunFolder.for_resume(resume).read_config(), f"run '{resume}'")
+        for key, value in given.items():
+            if key not in RESUME_MAY_CHANGE and key in stored and stored[key] != value and not (
+                    key == "scales" and all(stored["scales"].get(t) == s for t, s in value.items())):
+                raise UserError(f"--resume: run '{resume}' was made with {key}={stored[key]!r}, "
+                                f"not {value!r}; start a new run to change it")
+        return resolve([stored, {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}])
+    spec = registry.adapter_spec(given.get("model") or InversionConfig.model)
+    terms = registry.objective_specs()
+    term_layer = {"scales": {name: t.default_scale for name, t in terms.items()}}
+    model_layer = normalise_keys(spec.defaults, f"defaults of adapter '{spec.id}'")
+    config = resolve([term_layer, model_layer, given])
+    config.model = spec.id
+    config.validate(terms)
+    return config
+
+
+def load_adapter(spec: AdapterSpec, config: InversionConfig, device: str):
+    checkpoint = config.checkpoint or spec.checkpoint
+    if not checkpoint:
+        raise UserError(f"model '{spec.id}' needs --checkpoint PATH (a local folder or a hub id)")
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype)
+    if dtype is None:
+        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not '{config.dtype}'")
+    cls = spec.load_class()
+    return cls.load(checkpoint, dtype=dtype, device=device, revision=config.revision,
+                    trust_remote_code=config.trust_remote_code, spec=spec)
+
+
+def concept_of(config: InversionConfig, spec: AdapterSpec):
+    if config.question is not None:
+        return direct(config.question, config.answer)
+    source = config.prompts or spec.prompts or str(IMAGENET_PROMPTS)
+    return select(load_prompts(source), config.class_index, f"prompt file '{source}'")
+
+
+class Processes:
+    """This process's place in a multi-process run (`accelerate launch`), or a single process."""
+
+    def __init__(self, device_option: str):
+        self.state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=device_option == "cpu")
+            self.rank, self.world_size, self.device = (self.state.process_index, self.state.num_processes,
+                                                       str(self.state.device))
+        else:
+            self.rank, self.world_size = 0, 1
+            auto = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = auto if device_option == "auto" else device_option
+
+    def wait(self):
+        if self.state:
+            self.state.wait_for_everyone()
+
+    def share(self, value):
+        """rank 0's value, on every rank."""
+        if not self.state:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value])[0]
+
+
+def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | None = None,
+                  progress: Callable[[dict], None] | None = None,
+                  stop_requested: Callable[[], bool] = lambda: False) -> Path:
+    """Run (or resume) one inversion; returns the completed run folder."""
+    spec = registry.adapter_spec(config.model)
+    concept = concept_of(config, spec)
+    stats = _stats_for(config, spec, concept)
+    procs = Processes(config.device)
+    if resume:
+        run = RunFolder.for_resume(resume, procs.rank, procs.world_size)
+    else:
+        default = Path("runs") / f"{spec.id}-{_slug(concept)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run = RunFolder(Path(procs.share(config.outputs or str(default))), procs.rank, procs.world_size)
+        if procs.rank == 0 and (run.final.exists() or run.path.exists()):
+            run.create()  # raises the right message before the model is loaded
+
+    adapter = load_adapter(spec, config, procs.device)
+    config.resolution = config.resolution or adapter.resolution
+    if config.resolution % adapter.patch_size or config.resolution != adapter.resolution:
+        raise UserError(f"resolution {config.resolution} is not supported by '{spec.id}': it takes "
+                        f"{adapter.resolution} px (a multiple of its patch size {adapter.patch_size})")
+    if stats is not None:
+        stats.check_matches(adapter, spec.id, config.resolution, config.stats or spec.stats or "")
+    prompt = adapter.build_prompt(list(concept.chat_sequence))
+    term_specs = registry.objective_specs()
+    terms = [ActiveTerm(name, term_specs[name].term, scale) for name, scale in config.scales.items()]
+    inversion = Inversion(adapter, prompt, config, terms, stats, rank=procs.rank)
+
+    if resume:
+        state = run.load_checkpoint()
+        if tuple(state["images"].shape) != tuple(inversion.images.shape):
+            raise UserError(f"'{run.path}': its checkpoint holds images of shape {tuple(state['images'].shape)}, "
+                            f"its config asks for {tuple(inversion.images.shape)}")
+        inversion.load_state_dict(state)
+        run.truncate_metrics(inversion.step)
+        info = run.read_manifest()
+    else:
+        if procs.rank == 0:
+            run.create()
+            run.write_config(config.to_dict())
+        procs.wait()
+        info = manifest(config.to_dict(), adapter, procs.device, procs.world_size)
+        info.update(concept={"class_index": concept.class_index, "class_name": concept.class_name,
+                             "target": concept.target})
+        if procs.rank == 0:
+            run.write_manifest(info)
+
+    started = time.perf_counter()
+    first_step = inversion.step
+    try:
+        _optimise(inversion, run, config, adapter, progress, stop_requested, procs.rank)
+    except Exception:
+        if not run.checkpoint_path.exists() and procs.rank == 0:
+            shutil.rmtree(run.path, ignore_errors=True)  # nothing worth keeping: leave no debris
+        raise
+
+    seconds = time.perf_counter() - started
+    run.save_images(adapter.denormalise(inversion.images.detach()))
+    run.save_checkpoint(inversion.state_dict())
+    procs.wait()
+    if procs.rank != 0:
+        return run.final
+    steps_run = config.iterations - first_step
+    info["timings"] = info.get("timings", []) + [{"steps": steps_run, "seconds": round(seconds, 3),
+                                                  "ms_per_step": round(1000 * seconds / max(steps_run, 1), 2)}]
+    info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    run.write_manifest(info)
+    from .report import write_report
+
+    write_report(run.path)
+    return run.finish()
+
+
+def _optimise(inversion, run, config, adapter, progress, stop_requested, rank) -> None:
+    """The loop: steps, with metrics, grids and checkpoints at their intervals."""
+    started, first_step = time.perf_counter(), inversion.step
+    targets = adapter.tokenizer.convert_ids_to_tokens(inversion.targets.tolist())
+    while inversion.step < config.iterations:
+        step = inversion.step + 1
+        logging = step % config.log_every == 0 or step in (1, config.iterations)
+        metrics = inversion.run_step(want_metrics=logging)
+        if metrics:
+            metrics["elapsed_s"] = round(time.perf_counter() - started, 3)
+            run.append_metrics(metrics)
+            if progress:
+                progress({**metrics, "iterations": config.iterations, "first_step": first_step,
+                          "target_tokens": targets, "rank": rank})
+        if step % config.grid_every == 0:
+            run.save_grid(adapter.denormalise(inversion.images.detach()), step)
+        stopping = stop_requested()
+        if step % config.checkpoint_every == 0 or stopping:
+            run.save_checkpoint(inversion.state_dict())
+        if stopping and step < config.iterations:
+            raise Interrupted(run, step)
+
+
+def _stats_for(config: InversionConfig, spec: AdapterSpec, concept) -> FeatureStats | None:
+    if not config.scales.get("feature"):
+        return None
+    source = config.stats or spec.stats
+    if not source:
+        raise UserError("the feature-statistics term needs --stats FILE (make one with `mimic stats`), "
+                        "or turn the term off with --feature-loss-scale 0")
+    return FeatureStats.find(source, spec.id, concept.class_index)
+
+
+def _slug(concept) -> str:
+    if concept.class_index >= 0:
+        return f"c{concept.class_index}"
+    return "".join(ch if ch.isalnum() else "-" for ch in concept.target.lower())[:24].strip("-") or "answer"
+
+
+@contextmanager
+def stop_on_ctrl_c():
+    """The first Ctrl-C asks the loop to checkpoint and stop at the end of the step; a second one
+    interrupts at once. Yields the `stop_requested` callable."""
+    requested = []
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no signal handling
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,50 @@
+"""Typed records a plugin registers. Plain data: importing this module never imports torch."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A model a plugin provides.
+
+    id: the name users type (`--model ID`); aliases: other accepted names.
+    adapter: "package.module:ClassName" of the `VLMAdapter` subclass, imported on first use.
+    resolution: native input side in pixels (what `mimic models` shows; the loaded checkpoint's
+        own config is authoritative once loaded).
+    defaults: inversion hyperparameters for this model (any `InversionConfig` field, and
+        `scales: {term: value}`); user config files and flags override them.
+    checkpoint: a default checkpoint (local folder or hub id) used when `--checkpoint` is not given.
+    prompts: the model's own default prompt file (else the bundled ImageNet prompts).
+    stats: default feature statistics: a file, or a folder of per-concept files.
+    tested_transformers: the transformers versions this adapter was tested with.
+    """
+
+    id: str
+    adapter: str
+    aliases: tuple[str, ...] = ()
+    resolution: int = 0
+    defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    checkpoint: str | None = None
+    prompts: str | None = None
+    stats: str | None = None
+    tested_transformers: str = ""
+    plugin: str = ""  # filled in by the registry: the plugin that registered it
+
+    def load_class(self):
+        module, _, name = self.adapter.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """An objective term: `term(ctx) -> scalar tensor`, weighted by its scale (0 = off)."""
+
+    name: str
+    term: Callable[..., Any]
+    default_scale: float = 0.0
+    description: str = ""
+    plugin: str = ""

@@ -1,0 +1,69 @@
+"""The adapter for LLaVA-1.5-style models (`LlavaForConditionalGeneration`: CLIP tower,
+MLP projector, decoder LM) with a Llama-3 chat template, as Intel/llava-llama-3-8b ships it.
+
+Intel's folder has no processor_config.json, so nothing here relies on the processor: the image
+path is differentiable tensor code, and image tokens are expanded here, not by the processor.
+"""
+from __future__ import annotations
+
+import torch
+
+from mimic_toolkit.adapter import VLMAdapter
+from mimic_toolkit.testing import BASIC_WORDS, word_tokenizer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+class LlavaLlama3Adapter(VLMAdapter):
+    model_class = "LlavaForConditionalGeneration"
+    model_type = "llava"
+    image_mean, image_std = CLIP_MEAN, CLIP_STD
+
+    @property
+    def vision_tower(self):
+        return self.model.model.vision_tower
+
+    def image_token_count(self) -> int:
+        grid = self.resolution // self.patch_size
+        keeps_cls = self.model.config.vision_feature_select_strategy == "full"
+        return grid * grid + int(keeps_cls)
+
+    def feature_sites(self) -> dict[str, torch.nn.Module]:
+        """The patch embedding (before position embeddings) and every encoder layer's MLP
+        branch (before the residual add): 25 sites for CLIP ViT-L."""
+        sites = {"vision.patch_embedding": self.vision_tower.embeddings.patch_embedding}
+        for i, layer in enumerate(self.vision_tower.encoder.layers):
+            sites[f"vision.layers.{i}.mlp"] = layer.mlp
+        return sites
+
+    def vision_forward(self, images: torch.Tensor) -> None:
+        self.vision_tower(pixel_values=images.to(self.dtype))
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "LlavaLlama3Adapter":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                    "<|eot_id|>", "<|reserved_special_token_0|>", "<pad>", "user", "assistant"]
+        tokenizer = word_tokenizer(BASIC_WORDS, specials, LLAMA3_TEMPLATE, bos="<|begin_of_text|>",
+                                   eos="<|eot_id|>", pad="<pad>")
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32,
+                                  hidden_act="quick_gelu")
+        text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+                           pad_token_id=tokenizer.pad_token_id)
+        config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default",
+                             image_token_id=tokenizer.convert_tokens_to_ids("<|reserved_special_token_0|>"),
+                             pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(seed)
+        return cls(LlavaForConditionalGeneration(config), tokenizer)

@@ -1,0 +1,138 @@
+"""Procedural 64x64 images of one coloured shape, with questions and answers about them.
+
+Backgrounds are solid colours or two-colour linear gradients, half of them with mild pixel noise.
+Every background colour is *muted*: saturation <= 0.3, value in [0.1, 0.9] (greys, dull tints,
+dark and light). The shapes are drawn in fully saturated colours, so a background never has the
+shape's colour. Muted backgrounds are a deliberate choice: with backgrounds of any colour a small
+ViT trained from scratch does not learn shape (see shared/docs/method.md), while muted ones keep the
+outline visible and the backgrounds still varied.
+
+Everything is deterministic given a seed (`numpy.random.Generator`); no files are read.
+"""
+
+import colorsys
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+SIZE = 64
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
+COLOUR_RGB = {
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+    "magenta": (1.0, 0.0, 1.0),
+    "cyan": (0.0, 1.0, 1.0),
+}
+QUESTION_KINDS = ("shape", "colour", "describe", "choice")
+DEFAULT_QUESTION = "Describe the image."
+_SUPERSAMPLE = 4  # the shape is drawn at 4x and box-filtered down, for anti-aliased edges
+
+
+def class_index(shape: str, colour: str) -> int:
+    return SHAPES.index(shape) * len(COLOURS) + COLOURS.index(colour)
+
+
+def class_name(index: int) -> str:
+    shape, colour = split_class(index)
+    return f"{colour} {shape}"
+
+
+def split_class(index: int) -> tuple[str, str]:
+    return SHAPES[index // len(COLOURS)], COLOURS[index % len(COLOURS)]
+
+
+def _outline(shape: str, span: float, rng: np.random.Generator) -> np.ndarray:
+    """Polygon vertices [N, 2] centred on 0; `span` is the diagonal (square), the diameter of the
+    circumcircle (triangle) or the arm span (cross), so every shape fits at any rotation."""
+    half = span / 2
+    if shape in ("square", "triangle"):
+        corners = 4 if shape == "square" else 3
+        angles = np.pi / 2 + np.arange(corners) * 2 * np.pi / corners
+        points = half * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+        turn = rng.uniform(0, 2 * np.pi / corners)
+    elif shape == "cross":
+        w = span / 6  # arms are a third of the span wide
+        points = np.array([[w, half], [w, w], [half, w], [half, -w], [w, -w], [w, -half],
+                           [-w, -half], [-w, -w], [-half, -w], [-half, w], [-w, w], [-w, half]])
+        turn = rng.uniform(0, np.pi / 2)
+    else:
+        raise ValueError(f"unknown polygon shape {shape!r}")
+    rotation = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+    return points @ rotation.T
+
+
+def _shape_mask(shape: str, rng: np.random.Generator) -> np.ndarray:
+    """Coverage in [0, 1] of a randomly sized, placed and turned shape, [SIZE, SIZE]."""
+    span = rng.uniform(0.3, 0.7) * SIZE
+    if shape == "circle":
+        points = np.array([[-span / 2, -span / 2], [span / 2, span / 2]])
+    else:
+        points = _outline(shape, span, rng)
+    low, high = points.min(axis=0), points.max(axis=0)
+    # Place the shape anywhere its bounding box stays inside the image (with a 1 px margin).
+    centre = rng.uniform(1 - low, SIZE - 1 - high)
+    big = Image.new("L", (SIZE * _SUPERSAMPLE, SIZE * _SUPERSAMPLE), 0)
+    draw = ImageDraw.Draw(big)
+    scaled = ((points + centre) * _SUPERSAMPLE).tolist()
+    if shape == "circle":
+        draw.ellipse([tuple(p) for p in scaled], fill=255)
+    else:
+        draw.polygon([tuple(p) for p in scaled], fill=255)
+    return np.asarray(big.resize((SIZE, SIZE), Image.BOX), dtype=np.float32) / 255
+
+
+def _muted_colour(rng: np.random.Generator) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.3), rng.uniform(0.1, 0.9)))
+
+
+def _background(rng: np.random.Generator) -> np.ndarray:
+    """[SIZE, SIZE, 3] float in [0, 1]: a solid colour or a gradient, half of them noisy."""
+    first = _muted_colour(rng)
+    if rng.uniform() < 0.5:
+        image = np.broadcast_to(first, (SIZE, SIZE, 3))
+    else:
+        angle = rng.uniform(0, 2 * np.pi)
+        grid = (np.arange(SIZE) - (SIZE - 1) / 2) / SIZE
+        ramp = np.cos(angle) * grid[None, :] + np.sin(angle) * grid[:, None] + 0.5
+        image = first + ramp[..., None] * (_muted_colour(rng) - first)
+    if rng.uniform() < 0.5:
+        image = image + rng.normal(0, rng.uniform(0.01, 0.05), (SIZE, SIZE, 3))
+    return np.clip(image, 0, 1)
+
+
+def render(shape: str, colour: str, rng: np.random.Generator) -> np.ndarray:
+    """One image, [SIZE, SIZE, 3] float32 in [0, 1]."""
+    background = _background(rng)
+    mask = _shape_mask(shape, rng)[..., None]
+    return (background * (1 - mask) + np.array(COLOUR_RGB[colour]) * mask).astype(np.float32)
+
+
+def sample(seed: int | Sequence[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` random images [n, 3, SIZE, SIZE] in [0, 1] and their class indices [n].
+    `seed` is anything `numpy.random.default_rng` takes, e.g. (run seed, stream, step)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(SHAPES) * len(COLOURS), n)
+    images = np.stack([render(*split_class(label), rng) for label in labels])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
+
+
+def question_answer(kind: str, index: int, rng: np.random.Generator) -> tuple[str, str]:
+    """A question of the given kind about class `index`, and its one correct answer."""
+    shape, colour = split_class(index)
+    if kind == "shape":
+        return "What shape is in the image?", shape
+    if kind == "colour":
+        return "What colour is the shape?", colour
+    if kind == "describe":
+        return DEFAULT_QUESTION, f"a {colour} {shape}"
+    if kind == "choice":
+        others = [s for s in SHAPES if s != shape]
+        options = [shape] + list(rng.choice(others, 2, replace=False))
+        rng.shuffle(options)
+        return f"Is it a {options[0]}, a {options[1]} or a {options[2]}?", shape
+    raise ValueError(f"unknown question kind {kind!r}")

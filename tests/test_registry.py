@@ -1,0 +1,123 @@
+"""Plugin discovery: entry points, isolation of broken plugins, clashes, selection, listing."""
+import inspect
+import json
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import EntryPoint
+
+import pytest
+
+from mimic_toolkit import hookspecs, registry
+from mimic_toolkit.errors import UserError
+
+PLUGIN = textwrap.dedent('''
+    from mimic_toolkit import AdapterSpec, ObjectiveSpec, hookimpl
+
+    @hookimpl
+    def register_adapters(register):
+        register(AdapterSpec(id="{id}", adapter="nowhere:Nothing", resolution=64))
+
+    def darkness(ctx):
+        return ctx.pixels.mean()
+
+    @hookimpl
+    def register_objectives(register):
+        register(ObjectiveSpec(name="darkness", term=darkness))
+''')
+
+
+@pytest.fixture
+def plugin_modules(tmp_path, monkeypatch):
+    """Write plugin modules and expose them as entry points of the mimic_toolkit group."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    points = list(registry.entry_points(group=registry.ENTRY_POINT_GROUP))
+
+    def add(name, source=None, value=None):
+        if source is not None:
+            (tmp_path / f"{name}.py").write_text(source)
+        points.append(EntryPoint(name=name, value=value or name, group=registry.ENTRY_POINT_GROUP))
+
+    monkeypatch.setattr(registry, "entry_points", lambda group: [p for p in points if p.group == group])
+    return add
+
+
+def test_builtin_adapter_registers_through_the_entry_point_group():
+    spec = registry.build_registry().adapter_spec("llava-llama3")
+    assert spec.plugin == "llava_llama3"  # the entry point's name: same path as a third party
+    assert spec.resolution == 336
+
+
+def test_third_party_plugin_adds_an_adapter_and_an_objective(plugin_modules):
+    plugin_modules("extra_plugin", PLUGIN.format(id="extra-model"))
+    reg = registry.build_registry()
+    assert reg.adapter_spec("extra-model").plugin == "extra_plugin"
+    assert "darkness" in reg.objective_specs()
+    assert ("extra_plugin", ["register_adapters", "register_objectives"]) in reg.plugins()
+
+
+def test_a_broken_plugin_is_one_warning_and_the_rest_still_works(plugin_modules, capsys, monkeypatch):
+    monkeypatch.delenv("MIMIC_STRICT_PLUGINS", raising=False)
+    plugin_modules("broken_plugin", "raise RuntimeError('boom')\n")
+    reg = registry.build_registry()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken_plugin" in err[0] and "boom" in err[0] and err[0].startswith("warning:")
+    assert reg.adapter_spec("llava-llama3")
+
+
+def test_strict_mode_makes_a_broken_plugin_an_error(plugin_modules, monkeypatch):
+    monkeypatch.setenv("MIMIC_STRICT_PLUGINS", "1")
+    plugin_modules("broken_plugin", "raise RuntimeError('boom')\n")
+    with pytest.raises(UserError, match="broken_plugin"):
+        registry.build_registry()
+
+
+def test_two_providers_of_one_model_id_is_an_error_naming_both(plugin_modules):
+    plugin_modules("first_plugin", PLUGIN.format(id="same-model").replace("darkness", "dark1"))
+    plugin_modules("second_plugin", PLUGIN.format(id="same-model").replace("darkness", "dark2"))
+    with pytest.raises(UserError) as info:
+        registry.build_registry().adapter_specs()
+    assert "first_plugin" in str(info.value) and "second_plugin" in str(info.value)
+
+
+def test_load_plugins_env_loads_only_the_named_ones(plugin_modules, monkeypatch):
+    plugin_modules("extra_plugin", PLUGIN.format(id="extra-model"))
+    monkeypatch.setenv("MIMIC_LOAD_PLUGINS", "extra_plugin")
+    specs = registry.build_registry().adapter_specs()
+    assert list(specs) == ["extra-model"]
+
+
+def test_misspelled_hook_implementation_is_caught():
+    from mimic_toolkit import hookimpl
+
+    class Misspelled:
+        @hookimpl
+        def register_adaptors(self, register):
+            pass
+
+    with pytest.raises(Exception, match="register_adaptors"):
+        registry.build_registry({"misspelled": Misspelled()})
+
+
+def test_unknown_model_suggests_the_closest():
+    with pytest.raises(UserError, match="did you mean 'llava-llama3'"):
+        registry.build_registry().adapter_spec("llava-lama3")
+
+
+def test_every_hookspec_is_documented_with_an_example():
+    specs = [f for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")]
+    assert len(specs) == 3
+    for spec in specs:
+        doc = inspect.getdoc(spec) or ""
+        assert "Example" in doc and "@hookimpl" in doc, spec.__name__
+
+
+def test_listing_models_imports_neither_torch_nor_transformers():
+    code = ("import sys, json; from typer.testing import CliRunner; from mimic_toolkit.cli import app; "
+            "r = CliRunner().invoke(app, ['models', '--json']); assert r.exit_code == 0, r.output; "
+            "ids = [m['id'] for m in json.loads(r.output)]; "
+            "print(json.dumps([ids, 'torch' in sys.modules, 'transformers' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    ids, torch_loaded, transformers_loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "llava-llama3" in ids
+    assert not torch_loaded and not transformers_loaded

@@ -18,7 +18,7 @@ from .errors import UserError
 from .specs import AdapterSpec
 
 IGNORE_INDEX = -100
-_IMAGE_MARKER = "\x00MIMIC_IMAGE\x00"  # stands in for the image while the chat template renders
+IMAGE_MARKER = "\x00MIMIC_IMAGE\x00"  # stands in for the image while the chat template renders
 
 
 @dataclass
@@ -50,6 +50,8 @@ class VLMAdapter:
     model_type: str = ""  # the checkpoint config's model_type, e.g. "llava"
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # The model's chat format as a Jinja template over string contents; None: the tokenizer's own.
+    chat_template: str | None = None
 
     def __init__(self, model, tokenizer, spec: AdapterSpec | None = None):
         self.model = model.eval().requires_grad_(False)  # frozen: only the image is optimised
@@ -120,6 +122,12 @@ class VLMAdapter:
     def patch_size(self) -> int:
         return self.model.config.vision_config.patch_size
 
+    def use_resolution(self, side: int) -> None:
+        """Choose this run's input side. The base accepts only the native resolution; adapters
+        of models that take other sizes override this (and `resolution`)."""
+        if side != self.resolution:
+            raise UserError(f"resolution {side} is not supported: this model takes {self.resolution} px")
+
     def normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) as [3, 1, 1] fp32 tensors on the model's device."""
         kw = dict(device=self.device, dtype=torch.float32)
@@ -177,8 +185,9 @@ class VLMAdapter:
         return [self.image_token_id] * self.image_token_count()
 
     def user_content(self, text: str, with_image: bool):
-        """A user message's content for the chat template (the image marker goes first)."""
-        return f"{_IMAGE_MARKER}\n{text}" if with_image else text
+        """A user message's content for the chat template (the image marker goes first). Formats
+        that wrap the image in tokens, or put no newline after it, override this with IMAGE_MARKER."""
+        return f"{IMAGE_MARKER}\n{text}" if with_image else text
 
     def build_prompt(self, turns: list[tuple[str, str]]) -> Prompt:
         """Chat turns [(user, assistant), ...] -> Prompt. The image goes at the start of the first
@@ -188,8 +197,9 @@ class VLMAdapter:
             messages.append({"role": "user", "content": self.user_content(user, with_image=i == 0)})
             if i < len(turns) - 1:
                 messages.append({"role": "assistant", "content": assistant})
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        before, after = text.split(_IMAGE_MARKER)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                  chat_template=self.chat_template)
+        before, after = text.split(IMAGE_MARKER)
         encode = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # the template has BOS
         image = self.image_placeholder_ids()
         prompt_ids = encode(before) + image + encode(after)

@@ -69,7 +69,10 @@ class FeatureStats:
             tensors[f"{site}/mean"] = self.mean[site].contiguous()
             tensors[f"{site}/var"] = self.var[site].contiguous()
         blob = save(tensors, metadata=self.meta)
-        digest = hashlib.sha256(blob).hexdigest()[:16]
+        digest = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode())
+        for key in sorted(tensors):  # the header's byte order is not canonical; the content is
+            digest.update(key.encode() + tensors[key].numpy().tobytes())
+        digest = digest.hexdigest()[:16]
         model = self.meta["model"].replace("/", "_")
         path = Path(folder) / f"{model}-{self.meta['resolution']}px-{self.meta['image_count']}img-{digest}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,8 @@ def build_config(registry: Registry, flags: dict, config_file: str | None = None
     and any setting given again must agree with it."""
     file_layer = read_config_file(config_file) if config_file else {}
     given = {**file_layer, **{k: v for k, v in flags.items() if v is not None}}
+    if "scales" in file_layer and "scales" in given:
+        given["scales"] = {**file_layer["scales"], **given["scales"]}  # scales merge per term
     if resume:
         stored = normalise_keys(RunFolder.for_resume(resume).read_config(), f"run '{resume}'")
         for key, value in given.items():
@@ -124,9 +126,10 @@ def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | 
 
     adapter = load_adapter(spec, config, procs.device)
     config.resolution = config.resolution or adapter.resolution
-    if config.resolution % adapter.patch_size or config.resolution != adapter.resolution:
-        raise UserError(f"resolution {config.resolution} is not supported by '{spec.id}': it takes "
-                        f"{adapter.resolution} px (a multiple of its patch size {adapter.patch_size})")
+    if config.resolution % adapter.patch_size:
+        raise UserError(f"resolution {config.resolution} is not a multiple of the patch size "
+                        f"{adapter.patch_size} of '{spec.id}'")
+    adapter.use_resolution(config.resolution)
     if stats is not None:
         stats.check_matches(adapter, spec.id, config.resolution, config.stats or spec.stats or "")
     prompt = adapter.build_prompt(list(concept.chat_sequence))

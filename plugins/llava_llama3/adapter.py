@@ -66,4 +66,9 @@ class LlavaLlama3Adapter(VLMAdapter):
                              image_token_id=tokenizer.convert_tokens_to_ids("<|reserved_special_token_0|>"),
                              pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(seed)
-        return cls(LlavaForConditionalGeneration(config), tokenizer)
+        model = LlavaForConditionalGeneration(config)
+        with torch.no_grad():  # larger random weights than HF's init, so the image visibly moves the answer
+            for weight in model.parameters():
+                if weight.dim() > 1:
+                    weight.normal_(0, 0.1)
+        return cls(model, tokenizer)

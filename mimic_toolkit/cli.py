@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -130,7 +131,7 @@ def invert(
     settings = build_config(registry, flags, _str(config), _str(resume))
     from .live import LivePanel
 
-    panel = None if quiet else LivePanel()
+    panel = None if quiet or os.environ.get("RANK", "0") != "0" else LivePanel()
     try:
         with stop_on_ctrl_c() as stop_requested:
             if panel:
@@ -142,7 +143,8 @@ def invert(
     except Interrupted as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(130)
-    typer.echo(f"run folder: {folder}\nreport:     {folder / 'report.html'}")
+    if os.environ.get("RANK", "0") == "0":  # one process of a multi-process run speaks
+        typer.echo(f"run folder: {folder}\nreport:     {folder / 'report.html'}")
 
 
 @app.command()

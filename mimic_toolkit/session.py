@@ -159,7 +159,8 @@ def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | 
     started = time.perf_counter()
     first_step = inversion.step
     try:
-        _optimise(inversion, run, config, adapter, progress, stop_requested, procs.rank)
+        _optimise(inversion, run, config, adapter, progress if procs.rank == 0 else None, stop_requested,
+                  procs.rank)
     except Exception:
         if not run.checkpoint_path.exists() and procs.rank == 0:
             shutil.rmtree(run.path, ignore_errors=True)  # nothing worth keeping: leave no debris

@@ -160,3 +160,27 @@ def test_resume_with_another_config_is_refused(invert_args, in_tmp):
     result = invoke("invert", "--resume", "run.partial", "--quiet")
     assert result.exit_code == 0, result.output
     assert (in_tmp / "run" / "report.html").is_file()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_checkpoint, in_tmp):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "mimic_toolkit", "invert", "--checkpoint", str(tiny_checkpoint),
+           "--question", "What is in the image?", "--answer", "a red circle", "--iterations", "100000",
+           "--batch-size", "1", "--feature-loss-scale", "0", "--log-every", "1", "--outputs", "run", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = in_tmp / "run.partial" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Continue with: mimic invert --resume run.partial" in err and "Traceback" not in err
+    import torch
+
+    state = torch.load(in_tmp / "run.partial" / "checkpoint.pt", weights_only=True)
+    assert state["step"] >= 3

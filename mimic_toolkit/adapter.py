@@ -33,13 +33,10 @@ class Prompt:
     labels: torch.Tensor
     image_positions: torch.Tensor
 
-    @property
-    def target_ids(self) -> torch.Tensor:
-        return self.input_ids[self.labels != IGNORE_INDEX]
-
-    @property
-    def n_target(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
+    def __post_init__(self):
+        # computed once: the step must not read tensors back to the host
+        self.target_ids = self.input_ids[self.labels != IGNORE_INDEX]
+        self.n_target = len(self.target_ids)
 
 
 class VLMAdapter:
@@ -61,9 +58,10 @@ class VLMAdapter:
     # -- loading --------------------------------------------------------------------------
     @classmethod
     def load(cls, checkpoint: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-             revision: str | None = None, trust_remote_code: bool = False,
+             device_map: str | None = None, revision: str | None = None, trust_remote_code: bool = False,
              spec: AdapterSpec | None = None) -> "VLMAdapter":
-        """Load from a local folder or a hub id (the hub needs a network)."""
+        """Load from a local folder or a hub id (the hub needs a network). With `device_map`
+        ("auto"), accelerate places the layers over the visible devices instead of `device`."""
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # our own panel reports progress
@@ -83,11 +81,11 @@ class VLMAdapter:
         model_cls = getattr(transformers, cls.model_class)
         try:
             model = model_cls.from_pretrained(source, config=config, dtype=dtype, revision=revision,
-                                              trust_remote_code=trust_remote_code)
+                                              trust_remote_code=trust_remote_code, device_map=device_map)
             tokenizer = cls.load_tokenizer(source, revision=revision, trust_remote_code=trust_remote_code)
         except OSError as exc:
             raise UserError(f"could not load '{checkpoint}': {str(exc).splitlines()[0]}") from exc
-        return cls(model.to(device), tokenizer, spec=spec)
+        return cls(model if device_map else model.to(device), tokenizer, spec=spec)
 
     @classmethod
     def load_tokenizer(cls, source: str, **kwargs):
@@ -108,7 +106,17 @@ class VLMAdapter:
     # -- geometry and normalisation --------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where images go: the device of the first layer (with a device map, the input's)."""
+        return self.model.get_input_embeddings().weight.device
+
+    def use_activation_checkpointing(self) -> None:
+        """Recompute each transformer layer during the backward pass instead of keeping its
+        activations. transformers checkpoints only layers in training mode, so those layers are
+        switched to it: with frozen weights and no dropout that changes nothing else."""
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for module in self.model.modules():
+            if getattr(module, "gradient_checkpointing", False):
+                module.train()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -103,7 +103,11 @@ def invert(
     scale: List[str] = typer.Option([], help="NAME=VALUE for any objective term, plugin terms too."),
     feature_form: Optional[str] = typer.Option(None, help="l2 (the paper's) | kl"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    device_map: Optional[str] = typer.Option(None, help="auto: spread a model too large for one GPU over all GPUs."),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the step."),
+    memory_saving: Optional[bool] = typer.Option(None, "--memory-saving/--no-memory-saving",
+                                                 help="Recompute layers in the backward pass: less memory."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code"),
     outputs: Optional[Path] = typer.Option(None, help="Run folder (default runs/<model>-<class>-<time>)."),
     log_every: Optional[int] = typer.Option(None, help="Log metrics every N steps."),
@@ -120,7 +124,8 @@ def invert(
                  prompts=_str(prompts), question=question, answer=answer, stats=_str(stats),
                  iterations=iterations, batch_size=batch_size, lr=lr, min_lr=min_lr, jitter=jitter, flip=flip,
                  seed=seed, init=init, resolution=resolution, feature_form=feature_form, device=device,
-                 dtype=dtype, trust_remote_code=trust_remote_code, outputs=_str(outputs), log_every=log_every,
+                 device_map=device_map, dtype=dtype, compile=compile, memory_saving=memory_saving,
+                 trust_remote_code=trust_remote_code, outputs=_str(outputs), log_every=log_every,
                  grid_every=grid_every, checkpoint_every=checkpoint_every)
     term_flags = {"main": main_loss_scale, "feature": feature_loss_scale, "patch": patch_loss_scale,
                   "tv_l1": tv_l1_loss_scale, "tv_l2": tv_l2_loss_scale, "l2": l2_loss_scale}

@@ -35,6 +35,9 @@ class InversionConfig:
     feature_form: str = "l2"  # "l2" (the paper's L_base) or "kl"
     # execution and outputs
     device: str = "auto"  # "auto": cuda if available, else cpu
+    device_map: str | None = None  # "auto": spread a model too large for one GPU over all visible GPUs
+    compile: bool = False  # torch.compile the step (model + objective): faster after a warm-up
+    memory_saving: bool = False  # recompute decoder layers in the backward pass: less memory, more time
     dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
     trust_remote_code: bool = False
     outputs: str | None = None  # run folder; default runs/<model>-<class>-<time>

@@ -30,7 +30,12 @@ class Inversion:
                  terms: list[ActiveTerm], stats=None, rank: int = 0):
         self.adapter, self.prompt, self.config = adapter, prompt, config
         self.terms = [t for t in terms if t.scale != 0]  # a term at scale 0 is never computed
-        self.uses_features = any(t.name == "feature" for t in self.terms)
+        # Hooks are registered once for the whole run (a compiled step must not see them change).
+        uses_features = any(t.name == "feature" for t in self.terms)
+        self.recorder = FeatureRecorder(adapter, config.batch_size).__enter__() if uses_features else None
+        if config.memory_saving:
+            adapter.use_activation_checkpointing()
+        self.objective = torch.compile(self._objective, dynamic=False) if config.compile else self._objective
         self.stats = stats.targets(adapter.device) if stats is not None else None
         self.targets = prompt.target_ids.to(adapter.device)
         self.low, self.high = adapter.pixel_box()
@@ -59,28 +64,26 @@ class Inversion:
             dx, dy = torch.randint(0, 2 * jitter + 1, (2,), generator=self.generator).tolist()
             side = images.shape[-1]
             padded = F.pad(images, (jitter,) * 4, mode="reflect")
-            images = padded[:, :, dy:dy + side, dx:dx + side]
+            images = padded[:, :, dy:dy + side, dx:dx + side].contiguous()  # one layout for every offset
         if self.config.flip and torch.rand((), generator=self.generator) < 0.5:
             images = images.flip(-1)
         return images
+
+    def _objective(self, pixels: torch.Tensor):
+        """Model forward and every active term: (weighted loss, unweighted terms, target logits)."""
+        logits = self.adapter.target_logits(pixels, self.prompt)
+        ctx = StepContext(pixels=pixels, logits=logits, targets=self.targets,
+                          features=self.recorder.stats if self.recorder else {}, stats=self.stats,
+                          patch_size=self.adapter.patch_size, feature_form=self.config.feature_form)
+        values = {t.name: t.fn(ctx) for t in self.terms}
+        return sum(t.scale * values[t.name] for t in self.terms), values, logits
 
     def run_step(self, want_metrics: bool = False) -> dict | None:
         """One optimisation step. Metrics (which need host syncs) only when asked for."""
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        pixels = self.augment(self.images)
-        recorder = FeatureRecorder(self.adapter, pixels.shape[0]) if self.uses_features else None
-        if recorder:
-            with recorder:
-                logits = self.adapter.target_logits(pixels, self.prompt)
-        else:
-            logits = self.adapter.target_logits(pixels, self.prompt)
-        ctx = StepContext(pixels=pixels, logits=logits, targets=self.targets,
-                          features=recorder.stats if recorder else {}, stats=self.stats,
-                          patch_size=self.adapter.patch_size, feature_form=self.config.feature_form)
-        values = {t.name: t.fn(ctx) for t in self.terms}
-        loss = sum(t.scale * values[t.name] for t in self.terms)
+        loss, values, logits = self.objective(self.augment(self.images))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         metrics = self._metrics(loss, values, logits, lr) if want_metrics else None
@@ -89,6 +92,17 @@ class Inversion:
             self.images.clamp_(self.low, self.high)
         self.step += 1
         return metrics
+
+    def close(self) -> None:
+        """Remove the feature hooks from the (shared) model."""
+        if self.recorder:
+            self.recorder.__exit__(None, None, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def _metrics(self, loss, values, logits, lr) -> dict:
         with torch.no_grad():

@@ -68,7 +68,7 @@ def load_adapter(spec: AdapterSpec, config: InversionConfig, device: str):
     if dtype is None:
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not '{config.dtype}'")
     cls = spec.load_class()
-    return cls.load(checkpoint, dtype=dtype, device=device, revision=config.revision,
+    return cls.load(checkpoint, dtype=dtype, device=device, device_map=config.device_map, revision=config.revision,
                     trust_remote_code=config.trust_remote_code, spec=spec)
 
 
@@ -165,6 +165,8 @@ def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | 
         if not run.checkpoint_path.exists() and procs.rank == 0:
             shutil.rmtree(run.path, ignore_errors=True)  # nothing worth keeping: leave no debris
         raise
+    finally:
+        inversion.close()
 
     seconds = time.perf_counter() - started
     run.save_images(adapter.denormalise(inversion.images.detach()))

@@ -124,3 +124,37 @@ def test_run_folder_holds_everything_a_user_needs(tiny_checkpoint, tmp_path):
     assert sorted(p.name for p in (folder / "grids").iterdir()) == ["step_000004.png", "step_000008.png"]
     html = (folder / "report.html").read_text()
     assert "data:image/png;base64" in html and "<svg" in html and "P(answer)" in html
+
+
+def _one_step_gradient(adapter, **settings):
+    with make(adapter, steps=1, jitter=0, flip=False, scales={"main": 1.0, "tv_l2": 0.1}, **settings) as inversion:
+        loss, _, _ = inversion.objective(inversion.images)
+        loss.backward()
+        return loss.detach(), inversion.images.grad.clone()
+
+
+def test_memory_saving_mode_gives_the_same_gradient(tiny_llava):
+    from mimic_plugins.llava_llama3.adapter import LlavaLlama3Adapter
+
+    loss, grad = _one_step_gradient(tiny_llava)
+    saving = LlavaLlama3Adapter(tiny_llava.model.__class__(tiny_llava.model.config), tiny_llava.tokenizer)
+    saving.model.load_state_dict(tiny_llava.model.state_dict())
+    loss_saving, grad_saving = _one_step_gradient(saving, memory_saving=True)
+    assert all(layer.gradient_checkpointing and layer.training for layer in saving.model.model.language_model.layers)
+    assert torch.allclose(loss, loss_saving) and torch.allclose(grad, grad_saving, atol=1e-6)
+
+
+def test_feature_hooks_are_removed_when_the_inversion_closes(tiny_llava):
+    sites = tiny_llava.feature_sites().values()
+    config = resolve([dict(iterations=1, batch_size=2, resolution=32)])
+    prompt = tiny_llava.build_prompt([("What is in the image?", "a red circle")])
+    with Inversion(tiny_llava, prompt, config, [ActiveTerm("feature", TERMS["feature"], 1.0)]):
+        assert all(len(m._forward_hooks) == 1 for m in sites)
+    assert all(len(m._forward_hooks) == 0 for m in sites)
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_the_eager_step(tiny_llava):
+    loss, grad = _one_step_gradient(tiny_llava)
+    loss_compiled, grad_compiled = _one_step_gradient(tiny_llava, compile=True)
+    assert torch.allclose(loss, loss_compiled, atol=1e-5) and torch.allclose(grad, grad_compiled, atol=1e-5)

@@ -46,11 +46,11 @@ def test_statistics_of_a_packed_batch_are_those_of_each_image_alone(tiny_qwen):
 
 
 def test_patches_equal_the_image_processors_for_images_that_need_no_resizing(tiny_qwen):
-    from transformers import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # no torchvision
 
     images = random_images(2, 448)
-    processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 1280, patch_size=14,
-                                      temporal_patch_size=2, merge_size=2)
+    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 1280, patch_size=14,
+                                         temporal_patch_size=2, merge_size=2)
     expected = processor(images=images, return_tensors="pt")
     ours = tiny_qwen.pixel_inputs(tiny_qwen.preprocess(images, 448))
     assert ours["pixel_values"].shape == expected["pixel_values"].shape == (2 * 32 * 32, 3 * 2 * 14 * 14)

@@ -16,5 +16,5 @@ def register_adapters(register):
                   "scales": {"main": 0.005, "feature": 0.04, "patch": 5e-4, "tv_l1": 7e-4, "tv_l2": 4e-4,
                              "l2": 3e-4}},
         description="Idefics2-8B: SigLIP-so400m at 378 px, perceiver to 64 image tokens, Mistral chat",
-        tested_transformers="5.24",
+        tested_transformers="5.17, 5.24",
     ))

@@ -15,5 +15,5 @@ def register_adapters(register):
                   "scales": {"main": 0.005, "feature": 0.04, "patch": 5e-4, "tv_l1": 7e-4, "tv_l2": 4e-4,
                              "l2": 3e-4}},
         description="Qwen2-VL-7B-Instruct: ViT with 2x2 merge, 256 image tokens at 448 px, ChatML",
-        tested_transformers="5.24",
+        tested_transformers="5.17, 5.24",
     ))

@@ -13,5 +13,5 @@ def register_adapters(register):
         # The toolkit's defaults are the reference's settings; a model that needs others sets them here,
         # e.g. defaults={"lr": 0.1, "scales": {"feature": 0.02}}.
         description="LLaVA-1.5-7B (llava-hf layout): CLIP ViT-L/14-336, 576 image tokens, Vicuna chat",
-        tested_transformers="5.24",
+        tested_transformers="5.17, 5.24",
     ))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -138,18 +139,57 @@ def invert(
 
     panel = None if quiet or os.environ.get("RANK", "0") != "0" else LivePanel()
     try:
-        with stop_on_ctrl_c() as stop_requested:
-            if panel:
-                with panel:
-                    folder = run_inversion(registry, settings, resume=_str(resume), progress=panel.update,
-                                           stop_requested=stop_requested)
-            else:
-                folder = run_inversion(registry, settings, resume=_str(resume), stop_requested=stop_requested)
+        with stop_on_ctrl_c() as stop_requested, panel or nullcontext():
+            folder = run_inversion(registry, settings, resume=_str(resume), stop_requested=stop_requested,
+                                   progress=panel.update if panel else None)
     except Interrupted as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(130)
     if os.environ.get("RANK", "0") == "0":  # one process of a multi-process run speaks
         typer.echo(f"run folder: {folder}\nreport:     {folder / 'report.html'}")
+
+
+@app.command()
+def sweep(
+    outputs: Path = typer.Option(..., help="The sweep folder: one run folder per class, plus index.html."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Adapter id."),
+    checkpoint: Optional[str] = typer.Option(None, help="Local checkpoint folder or hub id."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompt file (default: the model's own, else ImageNet 20)."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated class indices (default: all in the file)."),
+    shard: str = typer.Option("0/1", help="i/n: this process takes every n-th class starting at i."),
+    stats: Optional[Path] = typer.Option(None, help="A folder of per-class statistics (`mimic stats --class-index`)."),
+    iterations: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    scale: List[str] = typer.Option([], help="NAME=VALUE for any objective term."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any `mimic invert` setting."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Invert many classes into one sweep folder; restarted shards continue where they stopped."""
+    from .live import LivePanel
+    from .session import Interrupted, build_config, stop_on_ctrl_c
+    from .sweep import parse_shard, run_sweep
+
+    flags = dict(model=model, checkpoint=checkpoint, prompts=_str(prompts), stats=_str(stats),
+                 iterations=iterations, batch_size=batch_size, seed=seed, device=device)
+    if scale:
+        flags["scales"] = _parse_scales(scale)
+    try:
+        wanted = [int(c) for c in classes.split(",")] if classes else None
+    except ValueError:
+        raise UserError(f"--classes takes comma-separated integers, not '{classes}'") from None
+    registry = default_registry()
+    settings = build_config(registry, flags, _str(config))
+    panel = None if quiet else LivePanel()
+    try:
+        with stop_on_ctrl_c() as stop_requested, panel or nullcontext():
+            run_sweep(registry, settings, outputs, wanted, parse_shard(shard), stop_requested=stop_requested,
+                      progress=panel.update if panel else None, say=lambda m: typer.echo(m, err=True))
+    except Interrupted as exc:
+        typer.echo(f"{exc}\n(or rerun the same `mimic sweep` command: it resumes)", err=True)
+        raise typer.Exit(130)
+    typer.echo(f"sweep folder: {outputs}\nindex:        {outputs / 'index.html'}")
 
 
 @app.command()

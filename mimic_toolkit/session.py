@@ -110,8 +110,9 @@ class Processes:
 
 def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | None = None,
                   progress: Callable[[dict], None] | None = None,
-                  stop_requested: Callable[[], bool] = lambda: False) -> Path:
-    """Run (or resume) one inversion; returns the completed run folder."""
+                  stop_requested: Callable[[], bool] = lambda: False, adapter=None) -> Path:
+    """Run (or resume) one inversion; returns the completed run folder. Pass `adapter` to reuse
+    a loaded model (a sweep loads it once for all its classes)."""
     spec = registry.adapter_spec(config.model)
     concept = concept_of(config, spec)
     stats = _stats_for(config, spec, concept)
@@ -124,7 +125,7 @@ def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | 
         if procs.rank == 0 and (run.final.exists() or run.path.exists()):
             run.create()  # raises the right message before the model is loaded
 
-    adapter = load_adapter(spec, config, procs.device)
+    adapter = adapter or load_adapter(spec, config, procs.device)
     config.resolution = config.resolution or adapter.resolution
     if config.resolution % adapter.patch_size:
         raise UserError(f"resolution {config.resolution} is not a multiple of the patch size "

@@ -1,0 +1,86 @@
+"""Many concepts, one folder: `mimic sweep` inverts its shard's classes of a prompt file into
+`<sweep>/c<class_index>/`, loading the model once. Rerunning the same command skips finished
+classes and resumes an interrupted one, so shards can be restarted (or pre-empted) at will."""
+from __future__ import annotations
+
+import html
+from dataclasses import replace
+from pathlib import Path
+
+from .config import InversionConfig
+from .errors import UserError
+from .prompts import IMAGENET_PROMPTS, load_prompts
+from .registry import Registry
+from .runfolder import PARTIAL
+from .session import Processes, build_config, load_adapter, run_inversion
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not sep or not 0 <= i < n:
+        raise UserError(f"--shard takes i/n with 0 <= i < n (e.g. 0/4), not '{text}'")
+    return i, n
+
+
+def shard_classes(all_classes: list[int], wanted: list[int] | None, shard: tuple[int, int]) -> list[int]:
+    """This shard's classes: every n-th of the (sorted) selection, starting at i."""
+    if wanted:
+        missing = sorted(set(wanted) - set(all_classes))
+        if missing:
+            raise UserError(f"class index {missing[0]} is not in the prompt file")
+    chosen = sorted(set(wanted or all_classes))
+    i, n = shard
+    return chosen[i::n]
+
+
+def run_sweep(registry: Registry, config: InversionConfig, folder: Path, classes: list[int] | None,
+              shard: tuple[int, int], *, progress=None, stop_requested=lambda: False, say=print) -> list[Path]:
+    spec = registry.adapter_spec(config.model)
+    prompts = config.prompts or spec.prompts or str(IMAGENET_PROMPTS)
+    mine = shard_classes([c.class_index for c in load_prompts(prompts)], classes, shard)
+    folder.mkdir(parents=True, exist_ok=True)
+    adapter, done = None, []
+    for class_index in mine:
+        final = folder / f"c{class_index}"
+        partial = final.with_name(final.name + PARTIAL)
+        if final.is_dir():
+            say(f"class {class_index}: finished earlier, skipped")
+            done.append(final)
+            continue
+        adapter = adapter or load_adapter(spec, config, Processes(config.device).device)
+        settings = replace(config, class_index=class_index, prompts=prompts, outputs=str(final), scales=dict(config.scales))
+        resume = str(partial) if (partial / "checkpoint.pt").is_file() else None
+        if partial.is_dir() and not resume:
+            raise UserError(f"'{partial}' is an unfinished run without a checkpoint; remove it to start the class again")
+        if resume:  # the interrupted run must have been made with these same settings
+            settings = build_config(registry, settings.to_dict(), resume=resume)
+        say(f"class {class_index}: {'resuming' if resume else 'starting'}")
+        done.append(run_inversion(registry, settings, resume=resume, progress=progress,
+                                  stop_requested=stop_requested, adapter=adapter))
+        write_index(folder)
+    write_index(folder)
+    return done
+
+
+def write_index(folder: Path) -> Path:
+    """index.html linking every class's report; rebuilt from the folder, so any shard may write it."""
+    rows = []
+    for run in sorted(folder.glob("c*"), key=lambda p: p.name):
+        name = run.name
+        if name.endswith(PARTIAL):
+            rows.append(f"<tr><td>{html.escape(name[:-len(PARTIAL)])}</td><td>in progress</td><td></td></tr>")
+            continue
+        thumb = next(iter(sorted((run / "images").glob("*.png"))), None)
+        image = f"<img src='{name}/images/{thumb.name}' width=96>" if thumb else ""
+        rows.append(f"<tr><td><a href='{name}/report.html'>{html.escape(name)}</a></td><td>done</td><td>{image}</td></tr>")
+    page = ("<!doctype html><meta charset=utf-8><title>mimic sweep</title><h1>Sweep</h1>"
+            "<table border=1 cellpadding=4><tr><th>class</th><th>status</th><th>image</th></tr>"
+            + "".join(rows) + "</table>")
+    tmp = folder / "index.html.tmp"
+    tmp.write_text(page)
+    tmp.replace(folder / "index.html")
+    return folder / "index.html"

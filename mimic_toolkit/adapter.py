@@ -64,7 +64,7 @@ class VLMAdapter:
         ("auto"), accelerate places the layers over the visible devices instead of `device`."""
         import transformers
 
-        transformers.utils.logging.disable_progress_bar()  # our own panel reports progress
+        _quiet_transformers()
         local = Path(checkpoint).expanduser()
         if local.exists():
             if not (local / "config.json").is_file():
@@ -100,6 +100,7 @@ class VLMAdapter:
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write a checkpoint folder that `load` reads back (used for tiny test checkpoints)."""
+        _quiet_transformers()
         self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
 
@@ -237,6 +238,13 @@ class VLMAdapter:
     def vision_forward(self, images: torch.Tensor) -> None:
         """Run only the vision tower on normalised images (what feature statistics need)."""
         raise NotImplementedError
+
+
+def _quiet_transformers() -> None:
+    """No per-shard progress bars: our own panel reports progress."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
 
 
 def _looks_like_hub_id(name: str) -> bool:

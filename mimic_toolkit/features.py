@@ -132,7 +132,8 @@ class FeatureStats:
         if self.meta.get("revision") and revision and self.meta["revision"] != revision:
             raise UserError(f"{where} were computed on model revision {self.meta['revision']}, this checkpoint is {revision}")
         with torch.no_grad(), FeatureRecorder(adapter, 1) as recorder:
-            grey = torch.full((1, 3, resolution, resolution), 0.5, device=adapter.device)
+            # a dim grey: exactly 0 after normalisation would read as padding to some models
+            grey = torch.full((1, 3, resolution, resolution), 0.25, device=adapter.device)
             adapter.vision_forward(adapter.normalise(grey))
         for site, (mean, _) in recorder.stats.items():
             if mean.shape[-1] != self.mean[site].shape[-1]:

@@ -47,6 +47,7 @@ class VLMAdapter:
     model_type: str = ""  # the checkpoint config's model_type, e.g. "llava"
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_resample: int = Image.BICUBIC  # the filter the model's own processor resizes with
     # The model's chat format as a Jinja template over string contents; None: the tokenizer's own.
     chat_template: str | None = None
 
@@ -157,10 +158,11 @@ class VLMAdapter:
         return (x * std + mean).clamp(0, 1)
 
     def preprocess(self, images: list[Image.Image], resolution: int | None = None) -> torch.Tensor:
-        """Real images -> normalised [B, 3, R, R] the way the model's processor prepares them:
-        shortest side resized to R (bicubic), centre crop, scaled to [0, 1], normalised."""
+        """Real images -> normalised [B, 3, R, R] as the model's processor prepares them: shortest
+        side resized to R with the processor's filter, centre crop (inversion images are square),
+        scaled to [0, 1], normalised."""
         side = resolution or self.resolution
-        batch = [_to_tensor(_resize_and_crop(image.convert("RGB"), side)) for image in images]
+        batch = [_to_tensor(_resize_and_crop(image.convert("RGB"), side, self.image_resample)) for image in images]
         return self.normalise(torch.stack(batch))
 
     # -- model inputs (differentiable) -----------------------------------------------------
@@ -198,9 +200,10 @@ class VLMAdapter:
         that wrap the image in tokens, or put no newline after it, override this with IMAGE_MARKER."""
         return f"{IMAGE_MARKER}\n{text}" if with_image else text
 
-    def build_prompt(self, turns: list[tuple[str, str]]) -> Prompt:
+    def build_prompt(self, turns: list[tuple[str, str]], target: bool = True) -> Prompt:
         """Chat turns [(user, assistant), ...] -> Prompt. The image goes at the start of the first
-        user message; the last assistant message is the target (no end-of-turn token after it)."""
+        user message; the last assistant message is the target (no end-of-turn token after it).
+        With `target=False` the last assistant message is left out: a prompt to generate from."""
         messages = []
         for i, (user, assistant) in enumerate(turns):
             messages.append({"role": "user", "content": self.user_content(user, with_image=i == 0)})
@@ -212,14 +215,74 @@ class VLMAdapter:
         encode = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # the template has BOS
         image = self.image_placeholder_ids()
         prompt_ids = encode(before) + image + encode(after)
-        target_ids = encode(turns[-1][1])
-        if not target_ids:
+        target_ids = encode(turns[-1][1]) if target else []
+        if target and not target_ids:
             raise UserError("the target answer is empty")
         ids = torch.tensor(prompt_ids + target_ids)
         labels = torch.full_like(ids, IGNORE_INDEX)
         labels[len(prompt_ids):] = ids[len(prompt_ids):]
         start = len(encode(before))
         return Prompt(ids, labels, torch.arange(start, start + len(image)))
+
+    # -- language model --------------------------------------------------------------------
+    @property
+    def language_model(self) -> torch.nn.Module:
+        """The decoder stack (embeddings, `layers`, final `norm`). transformers' `get_decoder`
+        finds it in every layout we support; adapters of other layouts override this."""
+        return self.model.get_decoder()
+
+    def lm_sites(self) -> dict[str, torch.nn.Module]:
+        """Named language-model sites: `lm.{i}` (residual stream after decoder layer i),
+        `lm.{i}.attn` and `lm.{i}.mlp` (the branch outputs, before the residual add) and
+        `lm.final_norm`. Adapters whose layers name their branches otherwise override this."""
+        sites = {}
+        for i, layer in enumerate(self.language_model.layers):
+            sites[f"lm.{i}"] = layer
+            sites[f"lm.{i}.attn"] = layer.self_attn
+            sites[f"lm.{i}.mlp"] = layer.mlp
+        sites["lm.final_norm"] = self.language_model.norm
+        return sites
+
+    def lm_site(self, name: str) -> torch.nn.Module:
+        sites = self.lm_sites()
+        if name not in sites:
+            last = len(self.language_model.layers) - 1
+            raise UserError(f"this model has no site '{name}' (sites: lm.0 .. lm.{last}, lm.I.attn, lm.I.mlp, "
+                            "lm.final_norm)")
+        return sites[name]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[1]
+
+    def unembed(self, hidden: torch.Tensor, apply_final_norm: bool = True) -> torch.Tensor:
+        """Hidden states [..., D] -> fp32 logits [..., vocab] through the LM head, after the
+        final norm unless `apply_final_norm` is False (states taken after that norm)."""
+        head = self.model.get_output_embeddings()
+        hidden = hidden.to(head.weight.device, head.weight.dtype)
+        if apply_final_norm:
+            hidden = self.language_model.norm(hidden)
+        return head(hidden).float()
+
+    def end_token_ids(self) -> list[int]:
+        """Tokens that end an answer: the tokenizer's end token and the model's own."""
+        ends = self.model.generation_config.eos_token_id
+        ends = ends if isinstance(ends, list) else [ends]
+        return sorted({i for i in [self.tokenizer.eos_token_id, *ends] if i is not None})
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, prompt: Prompt, max_new_tokens: int) -> torch.Tensor:
+        """Greedy answers for a batch of normalised images with one shared prompt: the new
+        token ids [B, T] (rows that ended early are padded)."""
+        from transformers import GenerationConfig
+
+        ends = self.end_token_ids()
+        pad = self.tokenizer.pad_token_id
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=ends,
+                                  pad_token_id=ends[0] if pad is None else pad)
+        out = self.model.generate(**self.pixel_inputs(images), **self.text_inputs(prompt, images.shape[0]),
+                                  generation_config=config)
+        return out[:, len(prompt.input_ids):]
 
     # -- vision tower ----------------------------------------------------------------------
     def feature_sites(self) -> dict[str, torch.nn.Module]:
@@ -261,10 +324,10 @@ def _load_config(source: str, revision: str | None, trust_remote_code: bool):
         raise UserError(f"could not read the model config of '{source}': {str(exc).splitlines()[0]}") from exc
 
 
-def _resize_and_crop(image: Image.Image, side: int) -> Image.Image:
+def _resize_and_crop(image: Image.Image, side: int, resample: int) -> Image.Image:
     scale = side / min(image.size)
     w, h = max(side, round(image.width * scale)), max(side, round(image.height * scale))
-    image = image.resize((w, h), Image.BICUBIC)
+    image = image.resize((w, h), resample)
     left, top = (w - side) // 2, (h - side) // 2
     return image.crop((left, top, left + side, top + side))
 

@@ -79,3 +79,36 @@ def check_adapter(adapter: VLMAdapter, batch_size: int = 2) -> None:
     loss.backward()
     assert images.grad is not None and images.grad.abs().sum() > 0, "no gradient reached the pixels"
     assert all(p.grad is None for p in adapter.model.parameters()), "weights must stay frozen"
+    check_language_model(adapter, prompt, images.detach())
+
+
+def check_language_model(adapter: VLMAdapter, prompt, images: torch.Tensor) -> None:
+    """Every LM site fires with [B, L, D] states, unembedding reproduces the model's logits,
+    steering edits exactly the chosen positions, and generation records one state per fed token."""
+    from .lm import LMRecorder, PositionPolicy, Steering
+
+    sites = adapter.lm_sites()
+    layers = len(adapter.language_model.layers)
+    assert {"lm.0", "lm.0.attn", "lm.0.mlp", f"lm.{layers - 1}", "lm.final_norm"} <= set(sites)
+    batch, length, width = images.shape[0], len(prompt.input_ids), adapter.hidden_size
+    with torch.no_grad(), LMRecorder(adapter, sites) as recorder:
+        logits = adapter.model(**adapter.pixel_inputs(images), **adapter.text_inputs(prompt, batch)).logits.float()
+    hidden = recorder.hidden
+    assert set(hidden) == set(sites), f"LM sites that never fired: {sorted(set(sites) - set(hidden))}"
+    for site, states in hidden.items():
+        assert states.shape == (batch, length, width), f"{site}: shape {tuple(states.shape)}"
+    tolerance = dict(atol=1e-3, rtol=1e-3)
+    assert torch.allclose(adapter.unembed(hidden[f"lm.{layers - 1}"]), logits, **tolerance), "unembed != logits"
+    assert torch.allclose(adapter.unembed(hidden["lm.final_norm"], apply_final_norm=False), logits, **tolerance)
+
+    vector = torch.ones(width)
+    with torch.no_grad(), Steering(adapter, "lm.0", vector, 1.0, PositionPolicy("last-prompt")), \
+            LMRecorder(adapter, ["lm.0"]) as steered:
+        adapter.model(**adapter.pixel_inputs(images), **adapter.text_inputs(prompt, batch))
+    change = (steered.hidden["lm.0"] - hidden["lm.0"]).abs().amax(dim=(0, 2))
+    assert change[-1] > 0.5 and change[:-1].max() < 1e-4, "steering must edit only the chosen positions"
+
+    with LMRecorder(adapter, ["lm.0"]) as recorder:
+        new = adapter.generate(images, prompt, max_new_tokens=3)
+    assert new.shape[0] == batch and 1 <= new.shape[1] <= 3
+    assert recorder.hidden["lm.0"].shape[1] == length + new.shape[1] - 1, "generation must record each fed token"

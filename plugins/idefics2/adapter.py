@@ -9,6 +9,7 @@ pixels are all exactly 0 as padding: an optimised image never is.
 from __future__ import annotations
 
 import torch
+from PIL import Image
 
 from mimic_toolkit.adapter import IMAGE_MARKER, VLMAdapter
 from mimic_toolkit.errors import UserError
@@ -34,6 +35,7 @@ class Idefics2Adapter(VLMAdapter):
     model_class = "Idefics2ForConditionalGeneration"
     model_type = "idefics2"
     image_mean, image_std = SIGLIP_MEAN, SIGLIP_STD
+    image_resample = Image.BILINEAR  # Idefics2ImageProcessor's filter
     chat_template = IDEFICS2_TEMPLATE
 
     def __init__(self, model, tokenizer, spec=None):

@@ -73,8 +73,10 @@ class FeatureStats:
         for key in sorted(tensors):  # the header's byte order is not canonical; the content is
             digest.update(key.encode() + tensors[key].numpy().tobytes())
         digest = digest.hexdigest()[:16]
-        model = self.meta["model"].replace("/", "_")
-        path = Path(folder) / f"{model}-{self.meta['resolution']}px-{self.meta['image_count']}img-{digest}.safetensors"
+        name = self.meta["model"].replace("/", "_")
+        if "class_index" in self.meta:
+            name += f"-c{self.meta['class_index']}"
+        path = Path(folder) / f"{name}-{self.meta['resolution']}px-{self.meta['image_count']}img-{digest}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             tmp = path.with_suffix(".partial")
@@ -108,10 +110,18 @@ class FeatureStats:
         folder = Path(source)
         if not folder.is_dir():
             return cls.load(folder)
+        matches = []
         for path in sorted(folder.glob("*.safetensors")):
-            meta = _read_metadata(path.read_bytes()[:1 << 20])
+            with path.open("rb") as f:  # only the header: the tensors are not needed to choose
+                header_len = int.from_bytes(f.read(8), "little")
+                meta = json.loads(f.read(header_len)).get("__metadata__", {})
             if meta.get("model") == model_id and meta.get("class_index") == str(class_index):
-                return cls.load(path)
+                matches.append(path)
+        if len(matches) > 1:
+            raise UserError(f"statistics folder '{source}' has {len(matches)} files for class index {class_index} "
+                            f"({matches[0].name}, {matches[1].name}, ...): pass one with --stats FILE")
+        if matches:
+            return cls.load(matches[0])
         raise UserError(f"statistics folder '{source}' has no file for model '{model_id}' and "
                         f"class index {class_index} (make one with `mimic stats --class-index {class_index}`)")
 

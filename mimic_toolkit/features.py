@@ -112,9 +112,12 @@ class FeatureStats:
             return cls.load(folder)
         matches = []
         for path in sorted(folder.glob("*.safetensors")):
-            with path.open("rb") as f:  # only the header: the tensors are not needed to choose
-                header_len = int.from_bytes(f.read(8), "little")
-                meta = json.loads(f.read(header_len)).get("__metadata__", {})
+            try:
+                with path.open("rb") as f:  # only the header: the tensors are not needed to choose
+                    header_len = int.from_bytes(f.read(8), "little")
+                    meta = json.loads(f.read(header_len)).get("__metadata__", {})
+            except (ValueError, AttributeError) as exc:
+                raise UserError(f"'{path}' is not a feature-statistics file ({exc})") from exc
             if meta.get("model") == model_id and meta.get("class_index") == str(class_index):
                 matches.append(path)
         if len(matches) > 1:

@@ -21,6 +21,8 @@ class InversionConfig:
     question: str | None = None  # with answer: invert this instead of a prompt-file entry
     answer: str | None = None
     stats: str | None = None  # feature-statistics file (needed while the feature scale > 0)
+    objective: str | None = None  # concept:FILE:K | neuron:lm.I:J | direction:FILE (the "lm" term)
+    objective_positions: str = "last-prompt"  # where the objective reads the LM: last-prompt | image
     # optimisation
     iterations: int = 5000
     batch_size: int = 4
@@ -61,6 +63,10 @@ class InversionConfig:
             raise UserError(f"init must be 'noise' or 'blank', not '{self.init}'")
         if self.feature_form not in ("l2", "kl"):
             raise UserError(f"feature-form must be 'l2' or 'kl', not '{self.feature_form}'")
+        if self.objective_positions not in ("last-prompt", "image"):
+            raise UserError(f"objective-positions must be last-prompt or image, not '{self.objective_positions}'")
+        if self.scales.get("lm") and not self.objective:
+            raise UserError("the lm term needs --objective concept:FILE:K | neuron:lm.I:J | direction:FILE")
         if (self.question is None) != (self.answer is None):
             raise UserError("--question and --answer go together")
         unknown = sorted(set(self.scales) - set(known_terms))

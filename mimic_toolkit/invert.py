@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .adapter import Prompt, VLMAdapter
 from .config import InversionConfig
 from .features import FeatureRecorder
+from .lm import LMRecorder
 from .terms import StepContext
 
 
@@ -27,12 +28,15 @@ class ActiveTerm:
 
 class Inversion:
     def __init__(self, adapter: VLMAdapter, prompt: Prompt, config: InversionConfig,
-                 terms: list[ActiveTerm], stats=None, rank: int = 0):
+                 terms: list[ActiveTerm], stats=None, rank: int = 0, lm_objective=None):
         self.adapter, self.prompt, self.config = adapter, prompt, config
         self.terms = [t for t in terms if t.scale != 0]  # a term at scale 0 is never computed
         # Hooks are registered once for the whole run (a compiled step must not see them change).
         uses_features = any(t.name == "feature" for t in self.terms)
         self.recorder = FeatureRecorder(adapter, config.batch_size).__enter__() if uses_features else None
+        # the "lm" term reads the hidden state at its objective's site
+        self.lm_objective = lm_objective if any(t.name == "lm" for t in self.terms) else None
+        self.lm_recorder = LMRecorder(adapter, [lm_objective.site]).__enter__() if self.lm_objective else None
         if config.memory_saving:
             adapter.use_activation_checkpointing()
         self.objective = torch.compile(self._objective, dynamic=False) if config.compile else self._objective
@@ -74,7 +78,8 @@ class Inversion:
         logits = self.adapter.target_logits(pixels, self.prompt)
         ctx = StepContext(pixels=pixels, logits=logits, targets=self.targets,
                           features=self.recorder.stats if self.recorder else {}, stats=self.stats,
-                          patch_size=self.adapter.patch_size, feature_form=self.config.feature_form)
+                          patch_size=self.adapter.patch_size, feature_form=self.config.feature_form,
+                          hidden=self.lm_recorder.hidden if self.lm_recorder else {}, lm_objective=self.lm_objective)
         values = {t.name: t.fn(ctx) for t in self.terms}
         return sum(t.scale * values[t.name] for t in self.terms), values, logits
 
@@ -94,9 +99,10 @@ class Inversion:
         return metrics
 
     def close(self) -> None:
-        """Remove the feature hooks from the (shared) model."""
-        if self.recorder:
-            self.recorder.__exit__(None, None, None)
+        """Remove the recording hooks from the (shared) model."""
+        for recorder in (self.recorder, self.lm_recorder):
+            if recorder:
+                recorder.__exit__(None, None, None)
 
     def __enter__(self):
         return self

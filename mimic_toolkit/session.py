@@ -16,6 +16,7 @@ from .config import InversionConfig, normalise_keys, read_config_file, resolve
 from .errors import UserError
 from .features import FeatureStats
 from .invert import ActiveTerm, Inversion
+from .lm_objective import parse_objective
 from .prompts import IMAGENET_PROMPTS, direct, load_prompts, select
 from .registry import Registry
 from .runfolder import RunFolder, manifest
@@ -53,7 +54,9 @@ def build_config(registry: Registry, flags: dict, config_file: str | None = None
     terms = registry.objective_specs()
     term_layer = {"scales": {name: t.default_scale for name, t in terms.items()}}
     model_layer = normalise_keys(spec.defaults, f"defaults of adapter '{spec.id}'")
-    config = resolve([term_layer, model_layer, given])
+    # an LM objective replaces the answer: its term on, the cross-entropy off, unless set
+    objective_layer = {"scales": {"main": 0.0, "lm": 1.0}} if given.get("objective") else {}
+    config = resolve([term_layer, model_layer, objective_layer, given])
     config.model = spec.id
     config.validate(terms)
     return config
@@ -136,7 +139,9 @@ def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | 
     prompt = adapter.build_prompt(list(concept.chat_sequence))
     term_specs = registry.objective_specs()
     terms = [ActiveTerm(name, term_specs[name].term, scale) for name, scale in config.scales.items()]
-    inversion = Inversion(adapter, prompt, config, terms, stats, rank=procs.rank)
+    lm_objective = parse_objective(config.objective, adapter, spec.id, prompt, config.objective_positions) \
+        if config.objective else None
+    inversion = Inversion(adapter, prompt, config, terms, stats, rank=procs.rank, lm_objective=lm_objective)
 
     if resume:
         state = run.load_checkpoint()

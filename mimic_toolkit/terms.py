@@ -1,11 +1,13 @@
 """The objective terms of the method (docs: ../shared/docs/method.md), each a function of the step.
 
-L = main * CE + feature * L_base + patch * R_patch + tv_l1 * TV_L1 + tv_l2 * TV_L2 + l2 * L2.
+L = main * CE + feature * L_base + patch * R_patch + tv_l1 * TV_L1 + tv_l2 * TV_L2 + l2 * L2
+(+ lm * the --objective direction inside the language model, instead of the answer).
 A term whose scale is 0 is not computed at all.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,8 @@ class StepContext:
     stats: site -> (mean [D], var [D]) targets, or None when no statistics were given.
     patch_size: the vision tower's patch size in pixels.
     feature_form: "l2" (the paper's L_base) or "kl".
+    hidden: LM site -> [B, L, D] hidden states, for the sites the "lm" term's objective reads.
+    lm_objective: hidden -> loss, the --objective (see lm_objective.py), or None.
     """
 
     pixels: torch.Tensor
@@ -33,6 +37,8 @@ class StepContext:
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
     patch_size: int
     feature_form: str = "l2"
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)
+    lm_objective: Callable[[dict], torch.Tensor] | None = None
 
 
 def answer_ce(ctx: StepContext) -> torch.Tensor:
@@ -92,6 +98,13 @@ def l2_norm(ctx: StepContext) -> torch.Tensor:
     return (x.flatten(1).norm(dim=1) / x[0].numel()).mean()
 
 
+def lm_direction(ctx: StepContext) -> torch.Tensor:
+    """Minus the projection of an LM site's hidden state on the --objective direction."""
+    if ctx.lm_objective is None:
+        raise ValueError("the lm term needs --objective (or set its scale to 0)")
+    return ctx.lm_objective(ctx.hidden)
+
+
 # Default scales are the reference's (LLaVA-Llama-3); each adapter may declare its own.
 BUILTIN_TERMS = (
     ObjectiveSpec("main", answer_ce, 0.005, "cross-entropy of the target answer tokens"),
@@ -100,4 +113,5 @@ BUILTIN_TERMS = (
     ObjectiveSpec("tv_l1", tv_l1, 7e-4, "total variation, L1"),
     ObjectiveSpec("tv_l2", tv_l2, 4e-4, "total variation, L2"),
     ObjectiveSpec("l2", l2_norm, 3e-4, "image L2 norm"),
+    ObjectiveSpec("lm", lm_direction, 0.0, "a direction inside the LM (--objective; then on, and main off)"),
 )

@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 from typer.core import TyperGroup
 
+from .cli_lm import add_commands as add_lm_commands
 from .errors import UserError
 from .registry import default_registry
 
@@ -86,6 +87,9 @@ def invert(
     question: Optional[str] = typer.Option(None, help="Invert this question..."),
     answer: Optional[str] = typer.Option(None, help="...with this target answer."),
     stats: Optional[Path] = typer.Option(None, help="Feature-statistics file (or folder of them) from `mimic stats`."),
+    objective: Optional[str] = typer.Option(None, help="Maximise a direction inside the LM instead of the answer: "
+                                            "concept:FILE:K | neuron:lm.I:J | direction:FILE."),
+    objective_positions: Optional[str] = typer.Option(None, help="Where the objective reads: last-prompt | image."),
     iterations: Optional[int] = typer.Option(None, help="Optimisation steps."),
     batch_size: Optional[int] = typer.Option(None, help="Images optimised together."),
     lr: Optional[float] = typer.Option(None, help="Initial learning rate (cosine decay)."),
@@ -123,6 +127,7 @@ def invert(
 
     flags = dict(model=model, checkpoint=checkpoint, revision=revision, class_index=class_index,
                  prompts=_str(prompts), question=question, answer=answer, stats=_str(stats),
+                 objective=objective, objective_positions=objective_positions,
                  iterations=iterations, batch_size=batch_size, lr=lr, min_lr=min_lr, jitter=jitter, flip=flip,
                  seed=seed, init=init, resolution=resolution, feature_form=feature_form, device=device,
                  device_map=device_map, dtype=dtype, compile=compile, memory_saving=memory_saving,
@@ -227,6 +232,9 @@ def report(run: Path = typer.Argument(..., help="A run folder.")):
     if not (run / "manifest.json").is_file():
         raise UserError(f"'{run}' is not a run folder (no manifest.json)")
     typer.echo(str(write_report(run)))
+
+
+add_lm_commands(app)  # capture, concepts, steer, shift
 
 
 def _str(value) -> Optional[str]:

@@ -3,7 +3,7 @@ needs it), keep the selected positions of one LM site, and store them as a featu
 
 A features folder (written as `<name>.partial`, renamed when complete):
     meta.json             model, checkpoint, revision, site, selector, widths, counts, shards
-    index.jsonl           one line per sample: id, image, question, generated answer, positions,
+    index.jsonl           one line per sample: id, image, question, generated answer (and ids), positions,
                           its rows in the shards (and for `word:` selectors the word and alignment)
     shard-00000.safetensors   `hidden`: [rows, D] fp32, the rows of consecutive samples
 """
@@ -141,23 +141,16 @@ def find_word(text: str, spans: list[tuple[int, int]], words: tuple[str, ...]):
 # -- capture -------------------------------------------------------------------------------------
 def capture(adapter: VLMAdapter, model_id: str, samples: list[Sample], site: str, selector: Selector,
             out: str | os.PathLike, *, checkpoint: str = "", batch_size: int = 8, max_new_tokens: int = 16,
-            word_position: str = "predict", generate: bool = False, shard_size: int = 4096,
-            on_skip=print) -> Path:
+            word_position: str = "predict", generate: bool = False, shard_size: int = 4096) -> Path:
     """Capture `site` for every sample into the features folder `out`; returns its path.
     Samples whose selection is empty (no such word in the answer, an empty answer) are skipped
-    and reported; if every sample is, nothing is written."""
+    and listed with the reason in meta.json; if every sample is, nothing is written."""
     adapter.lm_site(site)  # an unknown site fails before any work
     if word_position not in ("predict", "own"):
         raise UserError(f"--word-position must be predict or own, not '{word_position}'")
     if batch_size < 1 or max_new_tokens < 1 or shard_size < 1:
         raise UserError("batch size, max new tokens and shard size must be at least 1")
-    out = Path(out)
-    partial = out.with_name(out.name + PARTIAL)
-    if out.exists():
-        raise UserError(f"output folder '{out}' already exists; choose another --out")
-    shutil.rmtree(partial, ignore_errors=True)  # debris of an interrupted capture
-    partial.mkdir(parents=True)
-    writer = _ShardWriter(partial, shard_size)
+    writer = FeatureWriter(out, shard_size)
     skipped = []
     try:
         for question, group in by_question(samples):
@@ -168,26 +161,21 @@ def capture(adapter: VLMAdapter, model_id: str, samples: list[Sample], site: str
                                                           word_position, generate or selector.needs_answer):
                     if rows is None:
                         skipped.append({"id": sample.id, "reason": entry})
-                        on_skip(f"skipped {sample.id}: {entry}")
                     else:
                         writer.add(entry, rows)
         if not writer.count:
             raise UserError(f"empty selection: no sample has positions for --tokens {selector} "
                             f"({skipped[0]['reason'] if skipped else 'no samples'})")
-        writer.close()
-        meta = {"format": FORMAT, "model": model_id, "checkpoint": checkpoint, "revision": adapter_revision(adapter),
-                "site": site, "selector": str(selector), "hidden_size": adapter.hidden_size,
-                "samples": writer.count, "rows": writer.rows, "shards": writer.shards,
+        meta = {"model": model_id, "checkpoint": checkpoint, "revision": adapter_revision(adapter), "site": site,
+                "selector": str(selector), "hidden_size": adapter.hidden_size,
                 "max_new_tokens": max_new_tokens if generate or selector.needs_answer else None,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "skipped": skipped}
         if selector.kind == "word":
             meta["word_position"] = word_position
-        (partial / "meta.json").write_text(json.dumps(meta, indent=2))
-        partial.replace(out)
+        return writer.finish(meta)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        writer.abort()
         raise
-    return out
 
 
 def by_question(samples: list[Sample]):
@@ -235,7 +223,7 @@ def _capture_batch(adapter, prompt, batch, site, selector, max_new_tokens, word_
         entry = {"id": sample.id, "image": str(sample.image), "question": sample.question,
                  "prompt_length": length, "labels": sample.labels}
         if generate:
-            entry["generated"] = adapter.tokenizer.decode(answer, skip_special_tokens=True)
+            entry.update(generated=adapter.tokenizer.decode(answer, skip_special_tokens=True), generated_ids=answer)
         kind = selector.kind
         if kind == "all":
             positions = list(range(length)) + answer_positions
@@ -277,20 +265,27 @@ def _word_position(tokenizer, answer, words, length, word_position, available, e
     return [position], None
 
 
-class _ShardWriter:
-    """Buffers rows and index entries; writes a shard every `shard_size` rows."""
+class FeatureWriter:
+    """Writes a features folder: index entries and their rows, a shard every `shard_size` rows,
+    all under `<out>.partial` until `finish` renames it. An entry's `rows` are [start, end) in its shard."""
 
-    def __init__(self, folder: Path, shard_size: int):
-        self.folder, self.shard_size = folder, shard_size
+    def __init__(self, out: str | os.PathLike, shard_size: int = 4096):
+        self.out = Path(out)
+        if self.out.exists():
+            raise UserError(f"output folder '{self.out}' already exists; choose another --out")
+        self.folder = self.out.with_name(self.out.name + PARTIAL)
+        shutil.rmtree(self.folder, ignore_errors=True)  # debris of an interrupted capture
+        self.folder.mkdir(parents=True)
+        self.shard_size = shard_size
         self.pending: list[torch.Tensor] = []
         self.pending_rows = self.rows = self.count = 0
         self.shards: list[str] = []
-        self.index = (folder / "index.jsonl").open("w", encoding="utf-8")
+        self.index = (self.folder / "index.jsonl").open("w", encoding="utf-8")
 
     def add(self, entry: dict, rows: torch.Tensor) -> None:
         entry.update(shard=len(self.shards), rows=[self.pending_rows, self.pending_rows + len(rows)])
         self.index.write(json.dumps(entry) + "\n")
-        self.pending.append(rows)
+        self.pending.append(rows.float())
         self.pending_rows += len(rows)
         self.rows += len(rows)
         self.count += 1
@@ -307,9 +302,18 @@ class _ShardWriter:
         self.shards.append(name)
         self.pending, self.pending_rows = [], 0
 
-    def close(self) -> None:
+    def finish(self, meta: dict) -> Path:
+        """`meta` needs model, checkpoint, revision, site, selector, hidden_size; counts are added."""
         self._flush()
         self.index.close()
+        meta = {"format": FORMAT, **meta, "samples": self.count, "rows": self.rows, "shards": self.shards}
+        (self.folder / "meta.json").write_text(json.dumps(meta, indent=2))
+        self.folder.replace(self.out)
+        return self.out
+
+    def abort(self) -> None:
+        self.index.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # -- reading -------------------------------------------------------------------------------------

@@ -69,11 +69,10 @@ def capture(
     model_id, source, adapter = _load(model, checkpoint, revision, device, dtype)
     out = out or Path("features") / _slug(f"{model_id}-{site}-{tokens}")
     folder = run_capture(adapter, model_id, samples, site, selector, out, checkpoint=source, batch_size=batch_size,
-                         max_new_tokens=max_new_tokens, word_position=word_position, generate=generate,
-                         on_skip=lambda message: typer.echo(message, err=True))
+                         max_new_tokens=max_new_tokens, word_position=word_position, generate=generate)
     meta = json.loads((folder / "meta.json").read_text())
     typer.echo(f"{meta['samples']} samples, {meta['rows']} rows of width {meta['hidden_size']} "
-               f"({len(meta['skipped'])} skipped) -> {folder}")
+               f"({len(meta['skipped'])} skipped, reasons in meta.json) -> {folder}")
 
 
 @concepts_app.command("fit")

@@ -30,6 +30,7 @@ COLOUR_RGB = {
 }
 QUESTION_KINDS = ("shape", "colour", "describe", "choice")
 DEFAULT_QUESTION = "Describe the image."
+MAX_SPAN = 0.68  # of the side: the largest square still fits when turned 45 degrees
 _SUPERSAMPLE = 4  # the shape is drawn at 4x and box-filtered down, for anti-aliased edges
 
 
@@ -47,14 +48,15 @@ def split_class(index: int) -> tuple[str, str]:
 
 
 def _outline(shape: str, span: float, rng: np.random.Generator) -> np.ndarray:
-    """Polygon vertices [N, 2] centred on 0; `span` is the diagonal (square), the diameter of the
-    circumcircle (triangle) or the arm span (cross), so every shape fits at any rotation."""
+    """Polygon vertices [N, 2] centred on 0; `span` is the side (square, triangle) or arm span."""
     half = span / 2
-    if shape in ("square", "triangle"):
-        corners = 4 if shape == "square" else 3
-        angles = np.pi / 2 + np.arange(corners) * 2 * np.pi / corners
-        points = half * np.stack([np.cos(angles), np.sin(angles)], axis=1)
-        turn = rng.uniform(0, 2 * np.pi / corners)
+    if shape == "square":
+        points = np.array([[-half, -half], [half, -half], [half, half], [-half, half]])
+        turn = rng.uniform(0, np.pi / 2)
+    elif shape == "triangle":
+        angles = np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+        points = span / np.sqrt(3) * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+        turn = rng.uniform(0, 2 * np.pi / 3)
     elif shape == "cross":
         w = span / 6  # arms are a third of the span wide
         points = np.array([[w, half], [w, w], [half, w], [half, -w], [w, -w], [w, -half],
@@ -68,7 +70,7 @@ def _outline(shape: str, span: float, rng: np.random.Generator) -> np.ndarray:
 
 def _shape_mask(shape: str, rng: np.random.Generator) -> np.ndarray:
     """Coverage in [0, 1] of a randomly sized, placed and turned shape, [SIZE, SIZE]."""
-    span = rng.uniform(0.3, 0.7) * SIZE
+    span = rng.uniform(0.3, MAX_SPAN) * SIZE
     if shape == "circle":
         points = np.array([[-span / 2, -span / 2], [span / 2, span / 2]])
     else:

@@ -99,6 +99,14 @@ class VLMAdapter:
         """A randomly initialised model of this adapter's layout, a few hundred k parameters."""
         raise NotImplementedError
 
+    @classmethod
+    def benchmark_config(cls, size: str):
+        """The transformers config of a random-initialised model for `benchmarks/step_time.py`:
+        "full" = the public checkpoint's exact architecture, "mid" = the same layout and image-token
+        count with narrow, shallow layers and a small vocabulary (seconds per step on a CPU)."""
+        raise NotImplementedError(f"{cls.__name__} declares no benchmark architectures: "
+                                  "implement the classmethod benchmark_config(size)")
+
     def save(self, folder: str | os.PathLike) -> None:
         """Write a checkpoint folder that `load` reads back (used for tiny test checkpoints)."""
         _quiet_transformers()

@@ -108,3 +108,26 @@ class Idefics2Adapter(VLMAdapter):
                                 image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
         torch.manual_seed(seed)
         return cls(Idefics2ForConditionalGeneration(config), tokenizer)
+
+    @classmethod
+    def benchmark_config(cls, size: str):
+        """full: HuggingFaceM4/idefics2-8b (SigLIP-so400m up to 980 px, a 3-layer perceiver with 64
+        latents, Mistral-7B); mid: the same layout, narrow and shallow."""
+        from transformers import Idefics2Config
+
+        vision, perceiver, text = {
+            "full": (dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
+                     dict(resampler_depth=3, resampler_n_heads=16, resampler_head_dim=96, num_key_value_heads=4),
+                     dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=32003)),
+            "mid": (dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
+                    dict(resampler_depth=1, resampler_n_heads=4, resampler_head_dim=32, num_key_value_heads=2),
+                    dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=8192)),
+        }[size]
+        return Idefics2Config(
+            vision_config=dict(**vision, image_size=980, patch_size=14),
+            perceiver_config=dict(**perceiver, hidden_size=text["hidden_size"], resampler_n_latents=64),
+            text_config=dict(**text, model_type="mistral", max_position_embeddings=32768, rms_norm_eps=1e-5,
+                             sliding_window=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+            image_token_id={"full": 32001, "mid": 8100}[size])

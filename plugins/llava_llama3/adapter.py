@@ -72,3 +72,24 @@ class LlavaLlama3Adapter(VLMAdapter):
                 if weight.dim() > 1:
                     weight.normal_(0, 0.1)
         return cls(model, tokenizer)
+
+    @classmethod
+    def benchmark_config(cls, size: str):
+        """full: Intel/llava-llama-3-8b (CLIP ViT-L/14-336 with quick_gelu, Llama-3-8B with the
+        checkpoint's 128320-token vocabulary); mid: the same layout, narrow and shallow."""
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+        vision, text, image_token_id = {
+            "full": (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+                     dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128320), 128257),
+            "mid": (dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
+                    dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=8192), 8100),
+        }[size]
+        return LlavaConfig(
+            vision_config=CLIPVisionConfig(**vision, image_size=336, patch_size=14, projection_dim=768,
+                                           hidden_act="quick_gelu"),
+            text_config=LlamaConfig(**text, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+            image_token_id=image_token_id, vision_feature_layer=-2, vision_feature_select_strategy="default")

@@ -136,3 +136,27 @@ class Qwen2VLAdapter(VLMAdapter):
         adapter = cls(Qwen2VLForConditionalGeneration(config), tokenizer)
         adapter.use_resolution(56)
         return adapter
+
+    @classmethod
+    def benchmark_config(cls, size: str):
+        """full: Qwen/Qwen2-VL-7B-Instruct; mid: the same layout (patch 14, temporal 2, 2 x 2 merge,
+        M-RoPE), narrow and shallow."""
+        from transformers import Qwen2VLConfig
+
+        vision, text, rope_section, image_token_id = {
+            "full": (dict(depth=32, embed_dim=1280, num_heads=16, hidden_size=3584),
+                     dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                          num_key_value_heads=4, vocab_size=152064), [16, 24, 24], 151655),
+            "mid": (dict(depth=2, embed_dim=32, num_heads=2, hidden_size=128),
+                    dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=8192, bos_token_id=None, eos_token_id=None),
+                    [4, 6, 6], 8100),
+        }[size]
+        return Qwen2VLConfig(
+            vision_config=dict(**vision, mlp_ratio=4, patch_size=14, temporal_patch_size=2, spatial_merge_size=2),
+            text_config=dict(**text, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                              "mrope_section": rope_section}),
+            # vision start, vision end, image and video tokens in the public checkpoint's order
+            vision_start_token_id=image_token_id - 3, vision_end_token_id=image_token_id - 2,
+            image_token_id=image_token_id, video_token_id=image_token_id + 1)

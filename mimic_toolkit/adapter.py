@@ -55,6 +55,7 @@ class VLMAdapter:
         self.model = model.eval().requires_grad_(False)  # frozen: only the image is optimised
         self.tokenizer = tokenizer
         self.spec = spec
+        self._step_inputs = None  # (prompt, batch size, inputs) of the last `target_logits`
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
@@ -183,13 +184,28 @@ class VLMAdapter:
         ids = prompt.input_ids.to(self.device).unsqueeze(0).expand(batch_size, -1)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
+    def teacher_forcing_inputs(self, prompt: Prompt, batch_size: int) -> dict[str, torch.Tensor]:
+        """The text-side inputs of `target_logits`: `text_inputs` without the all-ones attention
+        mask (with no padding the causal mask alone is the same, and transformers would read an
+        explicit one back to the host every step). Adapters add inputs only this forward takes."""
+        return {**self.text_inputs(prompt, batch_size), "attention_mask": None}
+
     def target_logits(self, images: torch.Tensor, prompt: Prompt) -> torch.Tensor:
         """Logits that predict each target token, [B, n_target, vocab], fp32. Only these
         positions go through the LM head (the target is the end of the sequence)."""
         n = prompt.n_target
-        out = self.model(**self.pixel_inputs(images), **self.text_inputs(prompt, images.shape[0]),
+        out = self.model(**self.pixel_inputs(images), **self._teacher_forcing_inputs_once(prompt, images.shape[0]),
                          logits_to_keep=n + 1, use_cache=False)
         return out.logits[:, :-1].float()
+
+    @torch.compiler.disable  # a compiled step would otherwise be recompiled once the cache is filled
+    def _teacher_forcing_inputs_once(self, prompt: Prompt, batch_size: int) -> dict[str, torch.Tensor]:
+        """Built on the first step and reused: copying the prompt to the GPU every step would make
+        the host wait for the GPU."""
+        cached = self._step_inputs
+        if cached is None or cached[0] is not prompt or cached[1] != batch_size:
+            self._step_inputs = cached = (prompt, batch_size, self.teacher_forcing_inputs(prompt, batch_size))
+        return cached[2]
 
     # -- prompts -----------------------------------------------------------------------------
     @property

@@ -1,0 +1,230 @@
+"""Time the toolkit's real inversion step (`Inversion.run_step`) on random-initialised models.
+
+Each adapter declares its benchmark architectures (`benchmark_config`): "full" is the public
+checkpoint's (no weights needed), "mid" a CPU-sized model of the same layout. The prompt is random
+text around the adapter's image tokens with the answer at the end; the objective is the adapter's
+default one (feature statistics against stand-in targets included). One JSON line per
+(model, mode, batch); see benchmarks/README.md for the fields.
+
+    python benchmarks/step_time.py --size mid --models llava-llama3 --modes lean,reference --iters 2
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import platform
+import time
+from contextlib import contextmanager
+
+import torch
+import transformers
+
+from mimic_toolkit.adapter import IGNORE_INDEX, Prompt
+from mimic_toolkit.features import FeatureRecorder, FeatureStats
+from mimic_toolkit.invert import ActiveTerm, Inversion
+from mimic_toolkit.registry import build_registry
+from mimic_toolkit.session import build_config
+
+# mode -> the toolkit settings it runs with; "reference" adds the reference implementation's style
+MODES = {
+    "reference": {},
+    "lean": {},
+    "compile": {"compile": True},
+    "memory_saving": {"memory_saving": True},
+    "compile_memory_saving": {"compile": True, "memory_saving": True},
+}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)  # on a shared CPU one thread gives steadier timings; ratios are what count
+    size = args.size or ("full" if device == "cuda" else "mid")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what the toolkit's dtype "auto" picks
+    peak = matmul_tflops(device, dtype)
+    emit(date=time.strftime("%Y-%m-%d %H:%M:%S %z"), torch=torch.__version__, transformers=transformers.__version__,
+         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+         size=size, dtype=str(dtype).removeprefix("torch."), matmul_tflops=round(peak, 3))
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph breaks are counted in the lines instead
+    registry = build_registry()
+    for name in args.models.split(","):
+        spec = registry.adapter_spec(name)
+        adapter = build_adapter(spec.load_class(), size, device, dtype)
+        prompt = random_prompt(adapter, args.prompt_tokens, args.answer_tokens)
+        for mode in args.modes.split(","):
+            for batch in map(int, (args.batches or ("4" if device == "cuda" else "1")).split(",")):
+                try:
+                    row = measure(registry, spec.id, adapter, prompt, mode, batch, args.warmup, args.iters)
+                except Exception as exc:  # one failing setting (out of memory, say) must not lose the others
+                    row = dict(error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                emit(model=spec.id, size=size, mode=mode, batch=batch, **row,
+                     **fraction_of_peak(row, peak))
+                release_memory()
+        del adapter
+        release_memory()
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=("full", "mid"), help="default: full on a GPU, mid on a CPU")
+    parser.add_argument("--models", default="llava-llama3,qwen2-vl,idefics2")
+    parser.add_argument("--modes", default="reference,lean,compile,memory_saving")
+    parser.add_argument("--batches", help="comma-separated batch sizes; default: 4 on a GPU, 1 on a CPU")
+    parser.add_argument("--prompt-tokens", type=int, default=40, help="random text tokens around the image")
+    parser.add_argument("--answer-tokens", type=int, default=24)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compiling happens here)")
+    parser.add_argument("--iters", type=int, default=5)
+    args = parser.parse_args(argv)
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown:
+        parser.error(f"unknown mode {sorted(unknown)[0]!r} (modes: {', '.join(MODES)})")
+    return args
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def matmul_tflops(device: str, dtype: torch.dtype) -> float:
+    """The measured rate of one large matmul: what "fraction of peak" is relative to."""
+    n = 8192 if device == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start, repeats = time.perf_counter(), 10
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def synchronize(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def build_adapter(adapter_class, size: str, device: str, dtype: torch.dtype):
+    """A random-initialised model of the declared architecture, created on the device directly."""
+    model_class = getattr(transformers, adapter_class.model_class)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = model_class._from_config(adapter_class.benchmark_config(size), dtype=dtype)
+    return adapter_class(model, tokenizer=None)
+
+
+def random_prompt(adapter, text_tokens: int, answer_tokens: int) -> Prompt:
+    """Random text ids with the image after the first few (where a chat's first user turn puts it),
+    the answer last. Ids below the image token's are ordinary tokens of every supported vocabulary."""
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randint(0, adapter.image_token_id, (text_tokens + answer_tokens,), generator=generator)
+    image = torch.tensor(adapter.image_placeholder_ids())
+    before = 4
+    ids = torch.cat([text[:before], image, text[before:]])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[-answer_tokens:] = ids[-answer_tokens:]
+    return Prompt(ids, labels, torch.arange(before, before + len(image)))
+
+
+def measure(registry, model_id: str, adapter, prompt: Prompt, mode: str, batch: int, warmup: int, iters: int) -> dict:
+    device = adapter.device
+    config = build_config(registry, dict(model=model_id, batch_size=batch, resolution=adapter.resolution,
+                                         **MODES[mode]))
+    term_specs = registry.objective_specs()
+    terms = [ActiveTerm(name, term_specs[name].term, scale) for name, scale in config.scales.items()]
+    stats = stand_in_statistics(adapter) if config.scales.get("feature") else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with execution_mode(adapter, mode == "reference"), Inversion(adapter, prompt, config, terms, stats) as inversion:
+        started = time.perf_counter()
+        for _ in range(warmup):
+            inversion.run_step()
+        synchronize(device)
+        warmup_s = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(iters):
+            inversion.run_step()
+        synchronize(device)
+        seconds = (time.perf_counter() - started) / iters
+        finite = bool(torch.isfinite(inversion.images.grad).all())
+        weight_grads = any(p.grad is not None for p in adapter.model.parameters())
+    params = sum(p.numel() for p in adapter.model.parameters())
+    tokens = batch * len(prompt.input_ids)
+    # matmul FLOPs as method.md counts them: 2 * params * tokens forward, as much again for the
+    # gradient of the inputs, and again for the weights' gradients when those are computed
+    flops = 2 * params * tokens * (3 if weight_grads else 2)
+    return dict(dtype=str(adapter.dtype).removeprefix("torch."), params_b=round(params / 1e9, 3), tokens=tokens,
+                ms_per_step=round(1000 * seconds, 2), warmup_s=round(warmup_s, 1),
+                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+                tokens_per_s=round(tokens / seconds), tflops_est=round(flops / seconds / 1e12, 3),
+                weight_grads=weight_grads, grads_finite=finite,
+                **({"graph_breaks": graph_breaks()} if config.compile else {}))
+
+
+def graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def fraction_of_peak(row: dict, peak_tflops: float) -> dict:
+    return {"fraction_of_matmul_peak": round(row["tflops_est"] / peak_tflops, 3)} if "tflops_est" in row else {}
+
+
+@contextmanager
+def execution_mode(adapter, reference: bool):
+    """Leaves the shared model as it found it: frozen, in eval mode, no activation checkpointing
+    (which `memory_saving` switches on for good), no weight gradients, the adapter's own forward."""
+    if reference:
+        reference_style(adapter)
+    try:
+        yield
+    finally:
+        if "target_logits" in vars(adapter):
+            del adapter.target_logits
+        model = adapter.model  # transformers 5.24 renamed the switch; 5.17 has only the old name
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        model.eval().requires_grad_(False)
+        model.zero_grad(set_to_none=True)
+
+
+def reference_style(adapter) -> None:
+    """Emulates how the reference implementation runs the step (method.md, defects 1 and 2): every
+    weight requires grad, so the backward also computes (and accumulates) weight gradients, and the
+    model computes logits at every position over the whole vocabulary, plus its own unused loss."""
+    adapter.model.requires_grad_(True)
+
+    def all_position_logits(images, prompt):
+        batch = images.shape[0]
+        labels = prompt.labels.to(adapter.device).expand(batch, -1)
+        out = adapter.model(**adapter.pixel_inputs(images), **adapter.text_inputs(prompt, batch), labels=labels,
+                            use_cache=False)
+        return out.logits[:, -prompt.n_target - 1:-1].float()
+
+    adapter.target_logits = all_position_logits
+
+
+def stand_in_statistics(adapter) -> FeatureStats:
+    """A grey image's feature statistics as targets: the term's cost does not depend on their values."""
+    side = adapter.resolution
+    grey = adapter.normalise(torch.full((1, 3, side, side), 0.5))
+    with torch.no_grad(), FeatureRecorder(adapter, 1) as recorder:
+        adapter.vision_forward(grey)
+    means = {site: mean[0].cpu() for site, (mean, _) in recorder.stats.items()}
+    variances = {site: var[0].cpu() for site, (_, var) in recorder.stats.items()}
+    return FeatureStats(means, variances, meta={})
+
+
+def release_memory() -> None:
+    torch._dynamo.reset()  # compiled graphs of a finished mode would only fill the cache
+    torch._dynamo.utils.counters.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

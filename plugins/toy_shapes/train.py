@@ -3,8 +3,9 @@
 Two stages, as a real VLM is built on a pretrained CLIP:
 1. vision: the CLIP tower plus a linear head learn to classify the 24 concepts;
 2. language: the whole LLaVA (tower at a lower learning rate) learns to answer the questions.
-The prompt is the one the toolkit's LLaVA adapter builds: the chat template up to the assistant
-header with one `<image>` expanded to the image tokens; the model learns the answer plus `<eos>`.
+Prompts come from the toolkit's LLaVA adapter (`build_prompt`), so training and inversion see the
+same sequences; the model learns the answer plus `<eos>`. Pixels are CLIP-normalised, as the
+adapter normalises them.
 
     python -m mimic_plugins.toy_shapes.train plugins/toy_shapes/checkpoint
 """
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, PreTrainedTokenizerFast)
-from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from ..llava_llama3.adapter import LlavaLlama3Adapter
 from . import shapes
 
 IMAGE_TOKEN = "<image>"
@@ -36,13 +37,6 @@ PATCH_SIZE = 8
 IMAGE_TOKENS = (shapes.SIZE // PATCH_SIZE) ** 2
 # Independent random streams, so held-out images never repeat training ones, whatever the seed.
 VISION_STREAM, LANGUAGE_STREAM, HELD_OUT_STREAM = 0, 1, 2
-_MEAN = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
-_STD = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] pixels in [0, 1] -> the CLIP-normalised pixel values the model takes."""
-    return (images - _MEAN) / _STD
 
 
 def _all_questions_and_answers() -> list[str]:
@@ -70,7 +64,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_model(tokenizer, *, vision_width=128, vision_layers=4, text_width=128, text_layers=2,
+def build_model(tokenizer, *, vision_width=64, vision_layers=4, text_width=128, text_layers=2,
                 heads=4) -> LlavaForConditionalGeneration:
     vision = CLIPVisionConfig(
         image_size=shapes.SIZE, patch_size=PATCH_SIZE, hidden_size=vision_width,
@@ -88,41 +82,41 @@ def build_model(tokenizer, *, vision_width=128, vision_layers=4, text_width=128,
         tie_word_embeddings=True,
     )
     config.pad_token_id = tokenizer.pad_token_id
-    return LlavaForConditionalGeneration(config)
+    model = LlavaForConditionalGeneration(config)
+    with torch.no_grad():
+        model.model.vision_tower.embeddings.position_embedding.weight.copy_(
+            _grid_position_embeddings(shapes.SIZE // PATCH_SIZE, vision_width))
+    return model
 
 
-def prompt_ids(tokenizer, question: str) -> list[int]:
-    """The adapter's prompt: chat template up to the assistant header, `<image>` expanded."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": IMAGE_TOKEN + "\n" + question}], add_generation_prompt=True, tokenize=False)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    assert ids.count(image_id) == 1, text
-    at = ids.index(image_id)
-    return ids[:at] + [image_id] * IMAGE_TOKENS + ids[at + 1:]
+def _grid_position_embeddings(side: int, width: int) -> torch.Tensor:
+    """2-D sine-cosine positions (CLS first, at zero) as the start of the learned embeddings, the
+    usual choice for a ViT trained from scratch (in a 400-step trial it neither helped nor hurt)."""
+    quarter = width // 4
+    frequencies = 1.0 / 100 ** (torch.arange(quarter) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    parts = [f(axis.reshape(-1, 1).float() * frequencies) for axis in (rows, cols) for f in (torch.sin, torch.cos)]
+    grid = torch.cat(parts, dim=1)
+    return torch.cat([torch.zeros(1, width), grid], dim=0) * 0.5
 
 
-def answer_ids(tokenizer, answer: str) -> list[int]:
-    return tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-
-
-def make_batch(tokenizer, seed: tuple[int, ...], size: int, kinds=shapes.QUESTION_KINDS) -> dict:
-    """Fresh images with one random question each, right-padded, loss only on answer + <eos>."""
+def make_batch(adapter, seed: tuple[int, ...], size: int, kinds=shapes.QUESTION_KINDS) -> dict:
+    """Fresh images with one random question each, prompted exactly as the toolkit's adapter
+    prompts an inversion, right-padded; loss only on the answer and the <eos> after it."""
     images, labels = shapes.sample(seed, size)
-    rng = np.random.default_rng([*seed, len(kinds)])
-    prompts, answers = [], []
+    rng = np.random.default_rng([*seed, 1])
+    eos = adapter.tokenizer.eos_token_id
+    rows = []
     for label in labels.tolist():
-        question, answer = shapes.question_answer(kinds[rng.integers(len(kinds))], label, rng)
-        prompts.append(prompt_ids(tokenizer, question))
-        answers.append(answer_ids(tokenizer, answer))
-    length = max(len(p) + len(a) for p, a in zip(prompts, answers))
-    input_ids = torch.full((size, length), tokenizer.pad_token_id)
+        prompt = adapter.build_prompt([shapes.question_answer(kinds[rng.integers(len(kinds))], label, rng)])
+        rows.append((torch.cat([prompt.input_ids, torch.tensor([eos])]), torch.cat([prompt.labels, torch.tensor([eos])])))
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((size, length), adapter.tokenizer.pad_token_id)
     targets = torch.full((size, length), -100)
-    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
-        input_ids[row, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
-        targets[row, len(prompt):len(prompt) + len(answer)] = torch.tensor(answer)
-    return {"pixel_values": normalise(images), "input_ids": input_ids,
-            "attention_mask": (input_ids != tokenizer.pad_token_id).long(), "labels": targets}
+    for row, (ids, answer) in enumerate(rows):
+        input_ids[row, :len(ids)], targets[row, :len(ids)] = ids, answer
+    return {"pixel_values": adapter.normalise(images), "input_ids": input_ids,
+            "attention_mask": (input_ids != adapter.tokenizer.pad_token_id).long(), "labels": targets}
 
 
 def _schedule(optimizer, total_steps: int, warmup: int):
@@ -133,9 +127,10 @@ def _schedule(optimizer, total_steps: int, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def pretrain_vision(tower, *, seed: int, steps: int, batch: int, lr: float, log_every: int = 50) -> list[float]:
+def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, log_every: int = 50) -> list[float]:
     """Stage 1: tower + linear heads classify the 24 concepts, from the features LLaVA reads
     (layer -2, patch tokens, mean-pooled) and from the pooled CLS, as CLIP itself is trained."""
+    tower = adapter.vision_tower
     classes = len(shapes.SHAPES) * len(shapes.COLOURS)
     width = tower.config.hidden_size
     heads = torch.nn.ModuleList([torch.nn.Linear(width, classes), torch.nn.Linear(width, classes)])
@@ -145,7 +140,7 @@ def pretrain_vision(tower, *, seed: int, steps: int, batch: int, lr: float, log_
     losses = []
     for step in range(steps):
         images, labels = shapes.sample((seed, VISION_STREAM, step), batch)
-        out = tower(normalise(images), output_hidden_states=True)
+        out = tower(adapter.normalise(images), output_hidden_states=True)
         patch_features = out.hidden_states[-2][:, 1:].mean(dim=1)
         loss = (F.cross_entropy(heads[0](patch_features), labels)
                 + F.cross_entropy(heads[1](out.pooler_output), labels))
@@ -156,14 +151,17 @@ def pretrain_vision(tower, *, seed: int, steps: int, batch: int, lr: float, log_
         scheduler.step()
         losses.append(loss.item())
         if log_every and step % log_every == 0:
-            print(f"vision {step:5d} loss {loss.item():.3f}", flush=True)
+            shape_right = heads[0](patch_features).argmax(-1) // len(shapes.COLOURS) == labels // len(shapes.COLOURS)
+            print(f"vision {step:5d} loss {loss.item():.3f} batch shape accuracy {shape_right.float().mean():.2f}",
+                  flush=True)
     return losses
 
 
-def train_language(model, tokenizer, *, seed: int, steps: int, batch: int, lr: float, tower_lr: float,
+def train_language(adapter, *, seed: int, steps: int, batch: int, lr: float, tower_lr: float,
                    log_every: int = 50) -> list[float]:
     """Stage 2: the whole LLaVA answers the questions; the pretrained tower moves slowly."""
-    tower = list(model.model.vision_tower.parameters())
+    model = adapter.model
+    tower = list(adapter.vision_tower.parameters())
     tower_ids = {id(p) for p in tower}
     rest = [p for p in model.parameters() if id(p) not in tower_ids]
     optimizer = torch.optim.AdamW([{"params": rest, "lr": lr}, {"params": tower, "lr": tower_lr}],
@@ -171,7 +169,7 @@ def train_language(model, tokenizer, *, seed: int, steps: int, batch: int, lr: f
     scheduler = _schedule(optimizer, steps, warmup=steps // 20)
     losses = []
     for step in range(steps):
-        loss = model(**make_batch(tokenizer, (seed, LANGUAGE_STREAM, step), batch)).loss
+        loss = model(**make_batch(adapter, (seed, LANGUAGE_STREAM, step), batch)).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -184,53 +182,57 @@ def train_language(model, tokenizer, *, seed: int, steps: int, batch: int, lr: f
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, *, seed: int = 0, n: int = 400, batch: int = 100) -> dict[str, float]:
+def evaluate(adapter, *, seed: int = 0, n: int = 400, batch: int = 100) -> dict[str, float]:
     """Per question kind: the fraction of fresh images whose whole answer + <eos> is the argmax at
     every answer position (what greedy decoding produces for these 1-3 token answers)."""
-    model.eval()
     accuracy = {}
     for k, kind in enumerate(shapes.QUESTION_KINDS):
         correct = 0
         for start in range(0, n, batch):
-            inputs = make_batch(tokenizer, (seed, HELD_OUT_STREAM, k, start), min(batch, n - start), kinds=(kind,))
-            logits = model(**{key: v for key, v in inputs.items() if key != "labels"}).logits
-            predicted = logits[:, :-1].argmax(-1)
-            targets = inputs["labels"][:, 1:]
-            answered = targets != -100
-            correct += ((predicted == targets) | ~answered).all(dim=1).sum().item()
+            inputs = make_batch(adapter, (seed, HELD_OUT_STREAM, k, start), min(batch, n - start), kinds=(kind,))
+            targets = inputs.pop("labels")[:, 1:]
+            predicted = adapter.model(**inputs).logits[:, :-1].argmax(-1)
+            correct += ((predicted == targets) | (targets == -100)).all(dim=1).sum().item()
         accuracy[kind] = correct / n
-    model.train()
     return accuracy
 
 
-def train(out_dir, *, seed: int = 0, vision_steps: int = 3000, language_steps: int = 2000, batch: int = 64,
-          vision_lr: float = 2e-3, language_lr: float = 1e-3, tower_lr: float = 1e-4, eval_images: int = 400,
+def trainable_adapter(tokenizer, model) -> LlavaLlama3Adapter:
+    """The toolkit's adapter around a model to train (the adapter freezes its model for inversion)."""
+    adapter = LlavaLlama3Adapter(model, tokenizer)
+    model.train().requires_grad_(True)
+    return adapter
+
+
+def train(out_dir, *, seed: int = 0, vision_steps: int = 4000, language_steps: int = 600, batch: int = 64,
+          vision_lr: float = 3e-3, language_lr: float = 1e-3, tower_lr: float = 3e-4, eval_images: int = 400,
           model_sizes: dict | None = None, log_every: int = 50) -> dict:
     """Train, evaluate on fresh images and save the checkpoint plus `training.json` in `out_dir`."""
     torch.manual_seed(seed)
     started = time.time()
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, **(model_sizes or {}))
-    vision_losses = pretrain_vision(model.model.vision_tower, seed=seed, steps=vision_steps, batch=batch,
-                                    lr=vision_lr, log_every=log_every)
-    language_losses = train_language(model, tokenizer, seed=seed, steps=language_steps, batch=batch,
-                                     lr=language_lr, tower_lr=tower_lr, log_every=log_every)
+    adapter = trainable_adapter(tokenizer, build_model(tokenizer, **(model_sizes or {})))
+    vision_losses = pretrain_vision(adapter, seed=seed, steps=vision_steps, batch=batch, lr=vision_lr,
+                                    log_every=log_every)
+    language_losses = train_language(adapter, seed=seed, steps=language_steps, batch=batch, lr=language_lr,
+                                     tower_lr=tower_lr, log_every=log_every)
     minutes = (time.time() - started) / 60
-    accuracy = evaluate(model, tokenizer, n=eval_images)
+    adapter.model.eval()
+    accuracy = evaluate(adapter, n=eval_images)
     report = {
         "seed": seed, "minutes": round(minutes, 2), "threads": torch.get_num_threads(),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in adapter.model.parameters()),
         "recipe": {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch,
                    "vision_lr": vision_lr, "language_lr": language_lr, "tower_lr": tower_lr,
                    "model_sizes": model_sizes or {}, "optimizer": "AdamW, linear warmup 5 %, cosine",
-                   "pixel_mean": OPENAI_CLIP_MEAN, "pixel_std": OPENAI_CLIP_STD},
+                   "pixel_mean": adapter.image_mean, "pixel_std": adapter.image_std},
         "held_out_accuracy": accuracy, "held_out_images_per_kind": eval_images,
         "final_loss": {"vision": float(np.mean(vision_losses[-20:] or [math.nan])),
                        "language": float(np.mean(language_losses[-20:] or [math.nan]))},
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    adapter.model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
@@ -241,9 +243,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vision-steps", type=int, default=3000)
-    parser.add_argument("--language-steps", type=int, default=2000)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vision-steps", type=int, default=4000)
+    parser.add_argument("--language-steps", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy 2-core machine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train(args.out_dir, seed=args.seed, vision_steps=args.vision_steps, language_steps=args.language_steps)

@@ -73,10 +73,14 @@ def test_tiny_training_lowers_the_loss(tmp_path):
     assert sum(language_losses[-5:]) < sum(language_losses[:5])
 
 
-def test_tiny_training_saves_a_loadable_checkpoint(tmp_path):
-    report = train.train(tmp_path, vision_steps=2, language_steps=2, batch=4, eval_images=4, log_every=0,
-                         model_sizes={"vision_width": 32, "vision_layers": 2, "text_width": 32, "text_layers": 1})
+def test_tiny_training_is_reproducible_and_saves_a_loadable_checkpoint(tmp_path):
+    tiny = dict(vision_steps=3, language_steps=3, batch=4, eval_images=4, log_every=0,
+                model_sizes={"vision_width": 32, "vision_layers": 2, "text_width": 32, "text_layers": 1})
+    report = train.train(tmp_path, **tiny)
+    train.train(tmp_path / "again", **tiny)
     assert set(report["held_out_accuracy"]) == set(shapes.QUESTION_KINDS)
+    weights = [(folder / "model.safetensors").read_bytes() for folder in (tmp_path, tmp_path / "again")]
+    assert weights[0] == weights[1]
     adapter = LlavaLlama3Adapter.load(str(tmp_path))
     assert adapter.tokenizer.chat_template and (tmp_path / "training.json").exists()
     prompt = adapter.build_prompt([("What shape is in the image?", "circle")])

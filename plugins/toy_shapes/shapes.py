@@ -1,11 +1,15 @@
 """Procedural 64x64 images of one coloured shape, with questions and answers about them.
 
+The shape's size (circle diameter, square or triangle side, cross span) is 30-68 % of the image
+side; squares, triangles and crosses are turned by a random angle; the shape lies anywhere it fits.
+It is drawn at 4x and box-filtered down, so its edges are anti-aliased.
+
 Backgrounds are solid colours or two-colour linear gradients, half of them with mild pixel noise.
 Every background colour is *muted*: saturation <= 0.3, value in [0.1, 0.9] (greys, dull tints,
 dark and light). The shapes are drawn in fully saturated colours, so a background never has the
-shape's colour. Muted backgrounds are a deliberate choice: with backgrounds of any colour a small
-ViT trained from scratch does not learn shape (see shared/docs/method.md), while muted ones keep the
-outline visible and the backgrounds still varied.
+shape's colour. Muted backgrounds are a deliberate choice: shared/docs/method.md reports that with
+backgrounds of any colour a small VLM trained from scratch did not learn shape; muted ones keep the
+outline salient while the backgrounds still vary.
 
 Everything is deterministic given a seed (`numpy.random.Generator`); no files are read.
 """
@@ -31,7 +35,7 @@ COLOUR_RGB = {
 QUESTION_KINDS = ("shape", "colour", "describe", "choice")
 DEFAULT_QUESTION = "Describe the image."
 MAX_SPAN = 0.68  # of the side: the largest square still fits when turned 45 degrees
-_SUPERSAMPLE = 4  # the shape is drawn at 4x and box-filtered down, for anti-aliased edges
+_SUPERSAMPLE = 4
 
 
 def class_index(shape: str, colour: str) -> int:

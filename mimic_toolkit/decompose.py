@@ -118,7 +118,7 @@ def snmf(rows: torch.Tensor, k: int, l1: float, *, seed: int = 0, iterations: in
     """min 0.5 ||Z - U V||^2 + l1 * sum(U), U >= 0, rows of V unit-norm. Alternates non-negative
     lasso steps for U with least squares for V (then rescaled), starting from k-means.
     Returns (U [N, k], V [k, D])."""
-    atoms = kmeans(rows, k, seed=seed, iterations=50, restarts=1)
+    atoms = kmeans(rows, k, seed=seed, iterations=50)
     atoms = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
     codes = snmf_codes(rows, atoms, l1)
     for _ in range(iterations):

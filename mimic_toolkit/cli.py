@@ -12,6 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from .cli_lm import add_commands as add_lm_commands
+from .config import InversionConfig
 from .errors import UserError
 from .registry import default_registry
 
@@ -200,7 +201,7 @@ def sweep(
 @app.command()
 def stats(
     images: Path = typer.Option(..., help="Folder of real images of the concept (searched recursively)."),
-    model: str = typer.Option("llava-llama3", "--model", "-m", help="Adapter id."),
+    model: str = typer.Option(InversionConfig.model, "--model", "-m", help="Adapter id."),
     checkpoint: Optional[str] = typer.Option(None, help="Local checkpoint folder or hub id."),
     revision: Optional[str] = typer.Option(None),
     out: Path = typer.Option(Path("stats"), help="Folder for the statistics file."),

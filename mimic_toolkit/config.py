@@ -13,7 +13,7 @@ from .errors import UserError
 @dataclass
 class InversionConfig:
     # what to invert
-    model: str = "llava-llama3"
+    model: str = "toy-shapes"  # the bundled model: runs anywhere, no download
     checkpoint: str | None = None
     revision: str | None = None
     prompts: str | None = None  # prompt file; default: the adapter's own, else the ImageNet 20

@@ -1,0 +1,60 @@
+"""`mimic toy ...` and `mimic evaluate`. Imports stay inside the commands: registering them must
+not import torch (listing models never does)."""
+from pathlib import Path
+from typing import List
+
+import typer
+
+toy = typer.Typer(no_args_is_help=True)
+HERE = Path(__file__).parent
+
+
+@toy.command("train")
+def train_command(
+    out: Path = typer.Option(HERE / "checkpoint", help="Checkpoint folder to write."),
+    seed: int = typer.Option(0),
+    vision_steps: int = typer.Option(3000, help="Steps of the vision-tower pre-training stage."),
+    language_steps: int = typer.Option(2000, help="Steps of the VLM stage."),
+):
+    """Train the toy VLM from scratch on CPU (seeded); prints held-out accuracy per question type."""
+    from .train import train
+
+    train(out, seed=seed, vision_steps=vision_steps, language_steps=language_steps)
+
+
+@toy.command("train-verifier")
+def train_verifier_command(out: Path = typer.Option(HERE / "verifier.safetensors"), seed: int = typer.Option(0),
+                           steps: int = typer.Option(1500)):
+    """Train the independent CNN that scores inverted images (shape and colour)."""
+    from .verifier import train_verifier
+
+    typer.echo(train_verifier(out, seed=seed, steps=steps))
+
+
+@toy.command("stats")
+def stats_command(out: Path = typer.Option(HERE / "stats", help="Folder for the 24 statistics files."),
+                  images_per_concept: int = typer.Option(64), seed: int = typer.Option(0)):
+    """Feature statistics of generated images for each of the 24 concepts (through `mimic stats`'s code)."""
+    from .prepare import write_concept_stats
+
+    for path in write_concept_stats(out, images_per_concept=images_per_concept, seed=seed):
+        typer.echo(str(path))
+
+
+def evaluate(runs: List[Path] = typer.Argument(..., help="Run folders or sweep folders of toy-shapes runs."),
+             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Score toy-shapes runs: the verifier's top-1 for shape, colour and both, and P(target) under
+    the VLM for questions phrased differently from the inverted one."""
+    import json
+
+    from .evaluation import evaluate as score
+
+    rows, summary = score(runs)
+    if as_json:
+        typer.echo(json.dumps({"runs": rows, "summary": summary}, indent=2))
+        return
+    for row in rows:
+        typer.echo(f"{row['run']}: shape {row['shape_top1']:.2f}  colour {row['colour_top1']:.2f}  "
+                   f"both {row['both_top1']:.2f}  P(shape answer) {row['vlm_p_shape']:.3f}  "
+                   f"P(colour answer) {row['vlm_p_colour']:.3f}")
+    typer.echo("mean: " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))

@@ -204,7 +204,7 @@ def trainable_adapter(tokenizer, model) -> LlavaLlama3Adapter:
     return adapter
 
 
-def train(out_dir, *, seed: int = 0, vision_steps: int = 4000, language_steps: int = 600, batch: int = 64,
+def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: int = 600, batch: int = 64,
           vision_lr: float = 3e-3, language_lr: float = 1e-3, tower_lr: float = 3e-4, eval_images: int = 400,
           model_sizes: dict | None = None, log_every: int = 50) -> dict:
     """Train, evaluate on fresh images and save the checkpoint plus `training.json` in `out_dir`."""
@@ -243,7 +243,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vision-steps", type=int, default=4000)
+    parser.add_argument("--vision-steps", type=int, default=5000)
     parser.add_argument("--language-steps", type=int, default=600)
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy 2-core machine")
     args = parser.parse_args()

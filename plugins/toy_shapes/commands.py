@@ -1,7 +1,7 @@
 """`mimic toy ...` and `mimic evaluate`. Imports stay inside the commands: registering them must
 not import torch (listing models never does)."""
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import typer
 
@@ -13,22 +13,32 @@ HERE = Path(__file__).parent
 def train_command(
     out: Path = typer.Option(HERE / "checkpoint", help="Checkpoint folder to write."),
     seed: int = typer.Option(0),
-    vision_steps: int = typer.Option(3000, help="Steps of the vision-tower pre-training stage."),
-    language_steps: int = typer.Option(2000, help="Steps of the VLM stage."),
+    vision_steps: Optional[int] = typer.Option(None, help="Steps of the vision-tower pre-training (default: the recipe's)."),
+    language_steps: Optional[int] = typer.Option(None, help="Steps of the whole-VLM stage (default: the recipe's)."),
+    threads: int = typer.Option(1, help="1 is fastest when other work shares the cores."),
 ):
-    """Train the toy VLM from scratch on CPU (seeded); prints held-out accuracy per question type."""
+    """Train the toy VLM from scratch on CPU (seeded); prints held-out accuracy per question type
+    and writes it to training.json beside the checkpoint."""
+    import torch
+
     from .train import train
 
-    train(out, seed=seed, vision_steps=vision_steps, language_steps=language_steps)
+    torch.set_num_threads(threads)
+    steps = {"vision_steps": vision_steps, "language_steps": language_steps}
+    train(out, seed=seed, **{k: v for k, v in steps.items() if v is not None})
 
 
 @toy.command("train-verifier")
 def train_verifier_command(out: Path = typer.Option(HERE / "verifier.safetensors"), seed: int = typer.Option(0),
-                           steps: int = typer.Option(1500)):
+                           steps: Optional[int] = typer.Option(None, help="Training steps (default: the recipe's)."),
+                           threads: int = typer.Option(1)):
     """Train the independent CNN that scores inverted images (shape and colour)."""
+    import torch
+
     from .verifier import train_verifier
 
-    typer.echo(train_verifier(out, seed=seed, steps=steps))
+    torch.set_num_threads(threads)
+    typer.echo(train_verifier(out, seed=seed, **({"steps": steps} if steps else {})))
 
 
 @toy.command("stats")

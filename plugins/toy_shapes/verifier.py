@@ -1,9 +1,8 @@
 """An independent judge of inverted images: a small CNN (not the VLM) that names shape and colour.
 
-    python -m mimic_plugins.toy_shapes.verifier plugins/toy_shapes/verifier.safetensors
+    mimic toy train-verifier   # writes plugins/toy_shapes/verifier.safetensors
 """
 
-import argparse
 import math
 from pathlib import Path
 
@@ -90,12 +89,3 @@ def predict(images: torch.Tensor, model: Verifier | None = None) -> tuple[torch.
     shape_logits, colour_logits = model(images.float())
     return shape_logits.softmax(-1), colour_logits.softmax(-1)
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_path", nargs="?", default=str(WEIGHTS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1200)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    print(train_verifier(args.out_path, seed=args.seed, steps=args.steps))

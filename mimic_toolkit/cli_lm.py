@@ -8,12 +8,13 @@ from typing import Optional
 
 import typer
 
+from .config import InversionConfig
 from .errors import UserError
 
 concepts_app = typer.Typer(no_args_is_help=True, help="Concept dictionaries of captured hidden states.")
 steer_app = typer.Typer(no_args_is_help=True, help="Steering vectors: build one, answer with it.")
 
-MODEL = typer.Option(..., "--model", "-m", help="Adapter id (`mimic models`).")
+MODEL = typer.Option(InversionConfig.model, "--model", "-m", help="Adapter id (`mimic models`).")
 CHECKPOINT = typer.Option(None, help="Local checkpoint folder or hub id.")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N")
 DTYPE = typer.Option("auto", help="auto | float32 | bfloat16 | float16")

@@ -162,14 +162,14 @@ def steer_apply(
     """Answer with and without the steering vector; show the answers side by side."""
     from .capture import load_samples
     from .lm import PositionPolicy
+    from .lm_objective import check_model
     from .steer import load_vector, steer_answers
 
     policy = PositionPolicy.parse(positions)
     direction, meta = load_vector(vector)
     samples = load_samples(images, dataset, question)
     model_id, _, adapter = _load(model, checkpoint, revision, device, dtype)
-    if meta.get("model") != model_id:
-        raise UserError(f"vector '{vector}' was built for model '{meta.get('model')}', not '{model_id}'")
+    check_model(meta, model_id, str(vector))
     rows = steer_answers(adapter, samples, site or meta["site"], direction, alpha, policy,
                          max_new_tokens=max_new_tokens, batch_size=batch_size)
     if out:

@@ -23,7 +23,6 @@ class LMObjective:
     site: str
     direction: torch.Tensor  # [D], unit norm
     positions: torch.Tensor  # sequence positions averaged over
-    describe: str
 
     def __call__(self, hidden: dict[str, torch.Tensor]) -> torch.Tensor:
         """Minus the mean projection (a loss), over the positions and the batch."""
@@ -41,7 +40,7 @@ def parse_objective(text: str, adapter: VLMAdapter, model_id: str, prompt: Promp
         from .concepts import ConceptSet
 
         concepts = ConceptSet.load(source)
-        _check_model(concepts.meta, model_id, source)
+        check_model(concepts.meta, model_id, source)
         k = int(index)
         if k >= concepts.decomposition.k:
             raise UserError(f"'{source}' has concepts 0..{concepts.decomposition.k - 1}, not {k}")
@@ -58,7 +57,7 @@ def parse_objective(text: str, adapter: VLMAdapter, model_id: str, prompt: Promp
         from .steer import load_vector
 
         vector, meta = load_vector(rest)
-        _check_model(meta, model_id, rest)
+        check_model(meta, model_id, rest)
         site, direction = meta["site"], vector / vector.norm().clamp_min(1e-12)
     else:
         raise UserError(f"--objective must be concept:FILE:K, neuron:lm.I:J or direction:FILE, not '{text}'")
@@ -70,9 +69,10 @@ def parse_objective(text: str, adapter: VLMAdapter, model_id: str, prompt: Promp
         raise UserError(f"objective positions must be {' or '.join(POSITIONS)}, not '{positions}'")
     chosen = prompt.image_positions if positions == "image" else \
         torch.tensor([len(prompt.input_ids) - prompt.n_target - 1])
-    return LMObjective(site, direction.to(adapter.device), chosen.to(adapter.device), f"{text} @ {positions}")
+    return LMObjective(site, direction.to(adapter.device), chosen.to(adapter.device))
 
 
-def _check_model(meta: dict, model_id: str, source: str) -> None:
+def check_model(meta: dict, model_id: str, source: str) -> None:
+    """Refuse a concepts or vector file made with another model."""
     if meta.get("model") != model_id:
         raise UserError(f"'{source}' was made with model '{meta.get('model')}', not '{model_id}'")

@@ -74,9 +74,3 @@ def steer_answers(adapter, samples: list[Sample], site: str, vector: torch.Tenso
                 rows.append({"id": sample.id, "image": str(sample.image), "question": question,
                              "labels": sample.labels, "before": decode(old), "after": decode(new)})
     return rows
-
-
-def check_vector_model(meta: dict, model_id: str, source: str) -> None:
-    if meta.get("model") != model_id:
-        raise UserError(f"vector '{source}' was built for model '{meta.get('model')}', not '{model_id}'")
-

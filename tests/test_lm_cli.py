@@ -134,6 +134,9 @@ def test_analysis_bad_inputs(tiny_checkpoint, data):
     qwen_vector = ["steer", "apply", "--model", "qwen2-vl", "--checkpoint", tiny_checkpoint, "--vector", "v.safetensors",
                    "--images", "images"]
     assert_user_error(invoke(*qwen_vector), "holds a llava model, not qwen2_vl")
+    ok("steer", "build", "--base", "other", "--target", "other", "--out", "qwen.safetensors")
+    assert_user_error(invoke("steer", "apply", "--model", "llava-llama3", "--checkpoint", tiny_checkpoint, "--vector",
+                             "qwen.safetensors", "--images", "images"), "was made with model 'qwen2-vl', not 'llava-llama3'")
     assert_user_error(invoke("steer", "apply", "--model", "llava-llama3", "--checkpoint", tiny_checkpoint, "--vector",
                              "v.safetensors", "--images", "images", "--positions", "later"), "positions must be")
     assert not list(data.glob("v.safetensors.partial"))

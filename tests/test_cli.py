@@ -115,7 +115,8 @@ def test_statistics_of_another_model_are_refused(invert_args, tiny_llava, in_tmp
 
 
 def test_feature_term_without_statistics_says_how_to_fix_it(tiny_checkpoint, in_tmp):
-    assert_user_error(invoke("invert", "--checkpoint", tiny_checkpoint, *FAST), "needs --stats FILE")
+    assert_user_error(invoke("invert", "--model", "llava-llama3", "--checkpoint", tiny_checkpoint, *FAST),
+                      "needs --stats FILE")
 
 
 def test_image_folder_without_images(tiny_checkpoint, in_tmp):
@@ -150,7 +151,7 @@ def test_resume_with_another_config_is_refused(invert_args, in_tmp):
     from mimic_toolkit.session import Interrupted, build_config, run_inversion
 
     registry = build_registry()
-    config = build_config(registry, {"checkpoint": str(invert_args[4]), "iterations": 6, "batch_size": 1,
+    config = build_config(registry, {"model": "llava-llama3", "checkpoint": str(invert_args[4]), "iterations": 6, "batch_size": 1,
                                      "outputs": "run", "scales": {"feature": 0.0}})
     with pytest.raises(Interrupted):
         run_inversion(registry, config, stop_requested=lambda: True)

@@ -25,7 +25,7 @@ def test_shards_split_the_classes_without_overlap():
 
 def test_a_restarted_shard_skips_finished_classes_and_resumes_the_interrupted_one(tiny_checkpoint, in_tmp):
     registry = build_registry()
-    settings = build_config(registry, {"checkpoint": str(tiny_checkpoint), "iterations": 4, "batch_size": 1,
+    settings = build_config(registry, {"model": "llava-llama3", "checkpoint": str(tiny_checkpoint), "iterations": 4, "batch_size": 1,
                                        "checkpoint_every": 2, "scales": {"feature": 0.0}})
     folder = in_tmp / "sweep"
     calls = []
@@ -49,7 +49,7 @@ def test_a_restarted_shard_skips_finished_classes_and_resumes_the_interrupted_on
 
 
 def test_sweep_command_runs_a_shard(tiny_checkpoint, in_tmp):
-    result = CliRunner().invoke(app, ["sweep", "--outputs", "sw", "--checkpoint", str(tiny_checkpoint),
+    result = CliRunner().invoke(app, ["sweep", "--outputs", "sw", "--model", "llava-llama3", "--checkpoint", str(tiny_checkpoint),
                                       "--classes", "1,207,292", "--shard", "1/2", "--iterations", "2",
                                       "--batch-size", "1", "--scale", "feature=0", "--quiet"])
     assert result.exit_code == 0, result.output

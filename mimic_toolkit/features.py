@@ -13,35 +13,24 @@ from PIL import Image, UnidentifiedImageError
 
 from .adapter import VLMAdapter
 from .errors import UserError
+from .hooks import SiteHooks
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 FORMAT = "mimic-feature-stats/1"
 
 
-class FeatureRecorder:
+class FeatureRecorder(SiteHooks):
     """Forward hooks on the adapter's feature sites; after a forward pass `stats[site]` holds
     (mean [B, D], var [B, D]) over each image's tokens, in fp32, still attached to the graph."""
 
     def __init__(self, adapter: VLMAdapter, batch_size: int):
+        super().__init__(adapter.feature_sites())
         self.adapter, self.batch_size = adapter, batch_size
         self.stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._handles = []
 
-    def __enter__(self):
-        for site, module in self.adapter.feature_sites().items():
-            self._handles.append(module.register_forward_hook(self._hook(site)))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, site):
-        def record(module, inputs, output):
-            tokens = self.adapter.site_tokens(site, output, self.batch_size).float()
-            self.stats[site] = (tokens.mean(1), tokens.var(1, unbiased=False))
-        return record
+    def on_output(self, site, output):
+        tokens = self.adapter.site_tokens(site, output, self.batch_size).float()
+        self.stats[site] = (tokens.mean(1), tokens.var(1, unbiased=False))
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 
 from .adapter import VLMAdapter
 from .errors import UserError
+from .hooks import SiteHooks
 
 
 def _first(output):
@@ -20,33 +21,20 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-class LMRecorder:
+class LMRecorder(SiteHooks):
     """Forward hooks that record LM sites; `hidden[site]` is [B, positions, D] as the model
     computed it (still attached to the graph outside `torch.no_grad`). During generation the last
     generated token is never fed back, so T new tokens give prompt + T - 1 positions."""
 
     def __init__(self, adapter: VLMAdapter, sites):
-        self.modules = {site: adapter.lm_site(site) for site in sites}
+        super().__init__({site: adapter.lm_site(site) for site in sites})
         self.chunks: dict[str, list[torch.Tensor]] = {site: [] for site in self.modules}
-        self._handles = []
 
-    def __enter__(self):
-        for site, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._hook(site)))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, site):
-        def record(module, inputs, output):
-            states = _first(output)
-            if states.shape[1] > 1:
-                self.chunks[site] = []
-            self.chunks[site].append(states)
-        return record
+    def on_output(self, site, output):
+        states = _first(output)
+        if states.shape[1] > 1:
+            self.chunks[site] = []
+        self.chunks[site].append(states)
 
     @property
     def hidden(self) -> dict[str, torch.Tensor]:
@@ -86,30 +74,24 @@ class PositionPolicy:
         return f"from:{self.start}" if self.kind == "from" else self.kind
 
 
-class Steering:
+class Steering(SiteHooks):
     """Adds `alpha * vector` to an LM site's output at the policy's positions, on the prompt pass
-    and on every generated token. The hook is put before any other (`prepend=True`), so hooks that
+    and on every generated token. The hook runs before any other (`prepend`), so hooks that
     transformers adds on the first forward to record outputs see the steered states too."""
+
+    prepend = True
 
     def __init__(self, adapter: VLMAdapter, site: str, vector: torch.Tensor, alpha: float,
                  positions: PositionPolicy):
-        self.module = adapter.lm_site(site)
+        super().__init__({site: adapter.lm_site(site)})
         if vector.shape != (adapter.hidden_size,):
             raise UserError(f"the steering vector has shape {tuple(vector.shape)}; site {site} has width "
                             f"{adapter.hidden_size}")
         self.delta = alpha * vector
         self.positions = positions
         self.seen = self.prompt_length = 0
-        self._handle = None
 
-    def __enter__(self):
-        self._handle = self.module.register_forward_hook(self._steer, prepend=True)
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.remove()
-
-    def _steer(self, module, inputs, output):
+    def on_output(self, site, output):
         states = _first(output)
         count = states.shape[1]
         if count > 1:  # a new sequence: its prompt pass
@@ -117,6 +99,6 @@ class Steering:
         mask = self.positions.mask(self.seen, count, self.prompt_length).to(states.device)
         self.seen += count
         if not mask.any():
-            return output
+            return None
         steered = states + mask[None, :, None] * self.delta.to(states.device, states.dtype)
         return (steered, *output[1:]) if isinstance(output, tuple) else steered

@@ -86,6 +86,9 @@ def main():
     parser.add_argument("--scale", action="append", default=[], help="NAME=VALUE: override a term's scale")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--jitter", type=int, default=None)
+    parser.add_argument("--parameterisation", default=None, help="pixel | fourier (default: the toy model's)")
+    parser.add_argument("--feature-form", default=None, help="l2 | kl (default: the toy model's)")
+    parser.add_argument("--init", default=None, help="noise | blank (default: the toy model's)")
     parser.add_argument("--threads", type=int, default=2, help="1 is faster when other work shares the cores")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,6 +100,9 @@ def main():
         flags["lr"] = args.lr
     if args.jitter is not None:
         flags["jitter"] = args.jitter
+    for key in ("parameterisation", "feature_form", "init"):
+        if getattr(args, key) is not None:
+            flags[key] = getattr(args, key)
     if args.scale:
         flags["scales"] = {k: float(v) for k, v in (s.split("=") for s in args.scale)}
     config = build_config(registry, flags)
@@ -122,6 +128,7 @@ def main():
             if rows:
                 print(json.dumps({"curve_step": step, **summarise(label, rows, indices, seconds)}), flush=True)
     print(f"\n{config.iterations} steps, batch {config.batch_size}, lr {config.lr}, jitter {config.jitter}, "
+          f"{config.parameterisation} parameterisation, init {config.init}, feature form {config.feature_form}, "
           f"scales {config.scales}\n")
     print("| objective | shape | colour | both | shape, shuffled-target baseline | P(target) | P(shape answer) | ms/step |")
     print("|---|---|---|---|---|---|---|---|")

@@ -99,6 +99,7 @@ def invert(
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips."),
     seed: Optional[int] = typer.Option(None),
     init: Optional[str] = typer.Option(None, help="noise | blank"),
+    parameterisation: Optional[str] = typer.Option(None, help="pixel (the paper's) | fourier (1/f spectrum)"),
     resolution: Optional[int] = typer.Option(None, help="Image side (default: the model's native)."),
     main_loss_scale: Optional[float] = typer.Option(None, help="Scale of the answer cross-entropy."),
     feature_loss_scale: Optional[float] = typer.Option(None, help="Scale of the feature statistics (0 = off)."),
@@ -130,7 +131,7 @@ def invert(
                  prompts=_str(prompts), question=question, answer=answer, stats=_str(stats),
                  objective=objective, objective_positions=objective_positions,
                  iterations=iterations, batch_size=batch_size, lr=lr, min_lr=min_lr, jitter=jitter, flip=flip,
-                 seed=seed, init=init, resolution=resolution, feature_form=feature_form, device=device,
+                 seed=seed, init=init, parameterisation=parameterisation, resolution=resolution, feature_form=feature_form, device=device,
                  device_map=device_map, dtype=dtype, compile=compile, memory_saving=memory_saving,
                  trust_remote_code=trust_remote_code, outputs=_str(outputs), log_every=log_every,
                  grid_every=grid_every, checkpoint_every=checkpoint_every)

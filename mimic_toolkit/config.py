@@ -31,7 +31,10 @@ class InversionConfig:
     jitter: int = 30  # pixels of random shift (reflect-padded)
     flip: bool = True
     seed: int = 0
-    init: str = "noise"  # "noise" (standard normal) or "blank"
+    init: str = "noise"  # "noise" (standard normal; 0.01 on the spectrum for fourier) or "blank"
+    # "pixel": optimise the pixels (the paper's); "fourier": optimise a 1/f-scaled spectrum behind a
+    # sigmoid (lucid-style), which favours smooth, large structures over pixel-level noise
+    parameterisation: str = "pixel"
     resolution: int | None = None  # default: the model's native resolution
     scales: dict[str, float] = field(default_factory=dict)  # objective term -> scale (0 = off)
     feature_form: str = "l2"  # "l2" (the paper's L_base) or "kl"
@@ -61,6 +64,8 @@ class InversionConfig:
             raise UserError("jitter must be >= 0")
         if self.init not in ("noise", "blank"):
             raise UserError(f"init must be 'noise' or 'blank', not '{self.init}'")
+        if self.parameterisation not in ("pixel", "fourier"):
+            raise UserError(f"parameterisation must be 'pixel' or 'fourier', not '{self.parameterisation}'")
         if self.feature_form not in ("l2", "kl"):
             raise UserError(f"feature-form must be 'l2' or 'kl', not '{self.feature_form}'")
         if self.objective_positions not in ("last-prompt", "image"):

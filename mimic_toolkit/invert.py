@@ -1,6 +1,7 @@
 """The inversion step: optimise a batch of images so the frozen VLM gives the target answer.
 
-`Inversion` owns the image parameter, its optimiser, the augmentation RNG and the step counter;
+`Inversion` owns the image parameter (the pixels, or with `parameterisation: fourier` a 1/f-scaled
+spectrum behind a sigmoid), its optimiser, the augmentation RNG and the step counter;
 its `state_dict` is everything a bit-identical resume needs. It knows nothing of files or UIs.
 """
 from __future__ import annotations
@@ -48,13 +49,32 @@ class Inversion:
         self.generator = torch.Generator().manual_seed(config.seed + rank)
         side = config.resolution
         shape = (config.batch_size, 3, side, side)
-        if config.init == "noise":
-            init = torch.randn(shape, generator=self.generator).to(adapter.device)
+        if config.parameterisation == "fourier":
+            # The parameter is a spectrum [B, 3, H, W//2+1, 2], scaled by 1/frequency; blank = grey.
+            self.latent = torch.zeros(shape[:3] + (side // 2 + 1, 2))
+            if config.init == "noise":
+                self.latent = 0.01 * torch.randn(self.latent.shape, generator=self.generator)
+            self.latent = self.latent.to(adapter.device).requires_grad_(True)
+            fy, fx = torch.fft.fftfreq(side)[:, None], torch.fft.rfftfreq(side)[None, :]
+            self.spectrum_scale = (1 / (fx ** 2 + fy ** 2).sqrt().clamp_min(1 / side)).to(adapter.device)
         else:
-            init = self.low.expand(shape).clone()  # black
-        self.images = init.clamp(self.low, self.high).requires_grad_(True)
-        self.optimizer = torch.optim.Adam([self.images], lr=config.lr, betas=(0.5, 0.9), eps=1e-8)
+            if config.init == "noise":
+                init = torch.randn(shape, generator=self.generator).to(adapter.device)
+            else:
+                init = self.low.expand(shape).clone()  # black
+            self.latent = init.clamp(self.low, self.high).requires_grad_(True)
+        self.optimizer = torch.optim.Adam([self.latent], lr=config.lr, betas=(0.5, 0.9), eps=1e-8)
         self.step = 0
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The current images, normalised [B, 3, H, W] (for pixel: the optimised tensor itself)."""
+        if self.config.parameterisation == "pixel":
+            return self.latent
+        side = self.config.resolution
+        spectrum = torch.view_as_complex(self.latent) * self.spectrum_scale
+        x = torch.fft.irfft2(spectrum, s=(side, side), norm="ortho") / 4  # lucid's scaling
+        return self.low + (self.high - self.low) * torch.sigmoid(x)
 
     def lr_at(self, step: int) -> float:
         """Cosine decay from lr to min_lr over the run, no warm-up."""
@@ -93,8 +113,9 @@ class Inversion:
         loss.backward()
         metrics = self._metrics(loss, values, logits, lr) if want_metrics else None
         self.optimizer.step()
-        with torch.no_grad():
-            self.images.clamp_(self.low, self.high)
+        if self.config.parameterisation == "pixel":
+            with torch.no_grad():
+                self.latent.clamp_(self.low, self.high)
         self.step += 1
         return metrics
 
@@ -120,7 +141,7 @@ class Inversion:
             return {
                 "step": self.step + 1, "lr": lr, "loss": float(loss),
                 "terms": {name: float(v) for name, v in values.items()},
-                "grad_norm": float(self.images.grad.norm()),
+                "grad_norm": float(self.latent.grad.norm()),
                 "p_target": p_token.mean(0).tolist(),  # per target token, mean over images
                 "p_answer": float(p_token.prod(-1).mean()),  # whole answer, mean over images
                 "top5": [list(zip(decode(ids.tolist()), [round(p, 4) for p in ps.tolist()]))
@@ -129,12 +150,15 @@ class Inversion:
 
     # -- resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step, "images": self.images.detach().cpu(),
-                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
+        state = {"step": self.step, "images": self.images.detach().cpu(),
+                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
+        if self.config.parameterisation != "pixel":
+            state["latent"] = self.latent.detach().cpu()  # what is optimised, when it is not the pixels
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
-            self.images.copy_(state["images"].to(self.images.device))
+            self.latent.copy_(state.get("latent", state["images"]).to(self.latent.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.step = int(state["step"])

@@ -200,6 +200,41 @@ def sweep(
 
 
 @app.command()
+def compare(
+    models: str = typer.Option(..., help="Comma-separated adapter ids, e.g. llava-llama3,qwen2-vl,idefics2."),
+    outputs: Path = typer.Option(..., help="The comparison folder (a run folder per model, grid, report)."),
+    checkpoint: List[str] = typer.Option([], help="MODEL=PATH, once per model that needs one."),
+    class_index: Optional[int] = typer.Option(None),
+    prompts: Optional[Path] = typer.Option(None),
+    question: Optional[str] = typer.Option(None),
+    answer: Optional[str] = typer.Option(None),
+    iterations: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    scale: List[str] = typer.Option([], help="NAME=VALUE for any objective term."),
+):
+    """The same concept, seed and settings on several models, and each model's images scored by
+    every model (P(target) and whether its greedy answer names the target)."""
+    from .compare import run_compare
+
+    flags = {k: v for k, v in dict(class_index=class_index, prompts=_str(prompts), question=question, answer=answer,
+                                   iterations=iterations, batch_size=batch_size, seed=seed, device=device).items()
+             if v is not None}
+    if scale:
+        flags["scales"] = _parse_scales(scale)
+    paths = {}
+    for pair in checkpoint:
+        name, sep, path = pair.partition("=")
+        if not sep:
+            raise UserError(f"--checkpoint takes MODEL=PATH here, got '{pair}'")
+        paths[default_registry().adapter_spec(name).id] = path
+    folder = run_compare(default_registry(), [m.strip() for m in models.split(",") if m.strip()], flags, outputs,
+                         paths, say=lambda m: typer.echo(m, err=True))
+    typer.echo(f"comparison folder: {folder}\nreport:            {folder / 'report.html'}")
+
+
+@app.command()
 def stats(
     images: Path = typer.Option(..., help="Folder of real images of the concept (searched recursively)."),
     model: str = typer.Option(InversionConfig.model, "--model", "-m", help="Adapter id."),

@@ -1,0 +1,138 @@
+"""`mimic compare`: one concept, the same seed and settings, several models; then every model's
+images scored by every model (a transfer matrix: what one model "sees" that another recognises).
+A model that fails (missing checkpoint, out of memory) is reported and the others still run."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from .errors import UserError
+from .registry import Registry
+from .runfolder import PARTIAL
+from .session import Processes, build_config, concept_of, load_adapter, run_inversion
+
+THUMB = 128
+
+
+def run_compare(registry: Registry, models: list[str], flags: dict, folder: Path,
+                checkpoints: dict[str, str] | None = None, say=print) -> Path:
+    specs = [registry.adapter_spec(m) for m in models]  # unknown names fail before any work
+    if folder.exists():
+        raise UserError(f"output folder '{folder}' already exists; choose another --outputs")
+    work = folder.with_name(folder.name + PARTIAL)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    results = {}
+    for spec in specs:
+        settings = {**flags, "model": spec.id, "outputs": str(work / spec.id),
+                    "checkpoint": (checkpoints or {}).get(spec.id) or flags.get("checkpoint")}
+        notes = []
+        if not (flags.get("stats") or spec.stats):  # no statistics for this model: run without the term
+            settings["scales"] = {**flags.get("scales", {}), "feature": 0.0}
+            notes.append("feature statistics off (none given)")
+        say(f"{spec.id}: inverting")
+        try:
+            config = build_config(registry, settings)
+            run = run_inversion(registry, config)
+            results[spec.id] = {"run": run, "config": config, "notes": notes, **_run_summary(run)}
+        except (UserError, RuntimeError, OSError) as exc:  # e.g. a missing checkpoint, out of memory
+            results[spec.id] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "notes": notes}
+            say(f"{spec.id}: failed: {results[spec.id]['error']}")
+    matrix = _transfer_matrix(registry, results, flags)
+    _write(work, results, matrix)
+    work.rename(folder)
+    return folder
+
+
+def _run_summary(run: Path) -> dict:
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    manifest = json.loads((run / "manifest.json").read_text())
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return {"terms": last["terms"], "p_answer": last["p_answer"], "peak_gib": peak,
+            "ms_per_step": manifest["timings"][-1]["ms_per_step"], "target": manifest["concept"]["target"]}
+
+
+def _transfer_matrix(registry, results, flags) -> dict:
+    """P(target) and whether the greedy answer names the target, for every (inverted by, scored by)."""
+    done = {m: r for m, r in results.items() if "error" not in r}
+    matrix = {}
+    for judge, result in done.items():
+        config = result["config"]
+        spec = registry.adapter_spec(judge)
+        adapter = load_adapter(spec, config, Processes(config.device).device)
+        adapter.use_resolution(config.resolution)
+        turns = list(concept_of(config, spec).chat_sequence)
+        prompt, question = adapter.build_prompt(turns), adapter.build_prompt(turns, target=False)
+        target = turns[-1][1].lower()
+        for source, other in done.items():
+            pictures = [Image.open(p) for p in sorted((other["run"] / "images").glob("*.png"))]
+            images = adapter.preprocess(pictures)
+            with torch.no_grad():
+                logp = adapter.target_logits(images, prompt).log_softmax(-1)
+            p = logp.gather(-1, prompt.target_ids.to(logp.device).expand(len(images), -1)[..., None]).sum((1, 2)).exp()
+            answers = adapter.tokenizer.batch_decode(adapter.generate(images, question, prompt.n_target + 3),
+                                                     skip_special_tokens=True)
+            matrix[(source, judge)] = {"p_target": p.mean().item(),
+                                       "names_target": sum(target in a.lower() for a in answers) / len(answers)}
+        del adapter
+    return matrix
+
+
+def _write(work: Path, results: dict, matrix: dict) -> None:
+    _grid(results).save(work / "grid.png")
+    rows = {m: {k: v for k, v in r.items() if k not in ("run", "config")} for m, r in results.items()}
+    table = [{"inverted_by": s, "scored_by": j, **v} for (s, j), v in matrix.items()]
+    (work / "comparison.json").write_text(json.dumps({"models": rows, "transfer": table}, indent=2, default=str))
+    (work / "report.html").write_text(_report(work, rows, matrix), encoding="utf-8")
+
+
+def _grid(results: dict) -> Image.Image:
+    """A labelled row per model; a failed model's row says so."""
+    label_width, gap = 160, 4
+    per_row = max([len(list((r["run"] / "images").glob("*.png"))) for r in results.values() if "run" in r] or [1])
+    canvas = Image.new("RGB", (label_width + per_row * (THUMB + gap), len(results) * (THUMB + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, (model, result) in enumerate(results.items()):
+        top = row * (THUMB + gap)
+        draw.text((4, top + THUMB // 2 - 6), model, fill="black")
+        if "error" in result:
+            draw.text((label_width, top + THUMB // 2 - 6), "failed: " + result["error"][:60], fill="red")
+            continue
+        for i, path in enumerate(sorted((result["run"] / "images").glob("*.png"))):
+            thumb = Image.open(path).convert("RGB").resize((THUMB, THUMB), Image.NEAREST)
+            canvas.paste(thumb, (label_width + i * (THUMB + gap), top))
+    return canvas
+
+
+def _report(work: Path, rows: dict, matrix: dict) -> str:
+    grid = base64.b64encode((work / "grid.png").read_bytes()).decode()
+    models = list(rows)
+    head = "".join(f"<th>scored by {html.escape(m)}</th>" for m in models)
+    body = ""
+    for source in models:
+        cells = "".join(
+            f"<td>{matrix[(source, j)]['p_target']:.3f} / {matrix[(source, j)]['names_target']:.0%}</td>"
+            if (source, j) in matrix else "<td>-</td>" for j in models)
+        body += f"<tr><th>inverted by {html.escape(source)}</th>{cells}</tr>"
+    summary = ""
+    for model, r in rows.items():
+        if "error" in r:
+            summary += f"<tr><td>{html.escape(model)}</td><td colspan=4 style='color:red'>{html.escape(r['error'])}</td></tr>"
+            continue
+        terms = ", ".join(f"{k} {v:.3g}" for k, v in r["terms"].items())
+        peak = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else "- (CPU)"
+        summary += (f"<tr><td>{html.escape(model)}</td><td>{r['p_answer']:.3f}</td><td>{r['ms_per_step']} ms</td>"
+                    f"<td>{peak}</td><td>{html.escape(terms)} {html.escape('; '.join(r['notes']))}</td></tr>")
+    return ("<!doctype html><meta charset=utf-8><title>mimic compare</title><style>body{font-family:sans-serif}"
+            "td,th{border:1px solid #ccc;padding:4px}table{border-collapse:collapse}</style>"
+            f"<h1>mimic compare</h1><img src='data:image/png;base64,{grid}'>"
+            "<h2>Per model</h2><table><tr><th>model</th><th>P(target)</th><th>time per step</th><th>peak memory</th>"
+            f"<th>final loss terms</th></tr>{summary}</table>"
+            "<h2>Transfer: P(target) / greedy answer names the target</h2>"
+            f"<table><tr><th></th>{head}</tr>{body}</table>")

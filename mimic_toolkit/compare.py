@@ -37,6 +37,8 @@ def run_compare(registry: Registry, models: list[str], flags: dict, folder: Path
             settings["scales"] = {**flags.get("scales", {}), "feature": 0.0}
             notes.append("feature statistics off (none given)")
         say(f"{spec.id}: inverting")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # each model's own peak, not the largest so far
         try:
             config = build_config(registry, settings)
             run = run_inversion(registry, config)
@@ -59,7 +61,9 @@ def _run_summary(run: Path) -> dict:
 
 
 def _transfer_matrix(registry, results, flags) -> dict:
-    """P(target) and whether the greedy answer names the target, for every (inverted by, scored by)."""
+    """P(target) and whether the greedy answer names the target, for every (inverted by, scored by).
+    Each judge is loaded again, one at a time: keeping every model resident from its own run would
+    need all of them in GPU memory at once."""
     done = {m: r for m, r in results.items() if "error" not in r}
     matrix = {}
     for judge, result in done.items():
@@ -81,6 +85,8 @@ def _transfer_matrix(registry, results, flags) -> dict:
             matrix[(source, judge)] = {"p_target": p.mean().item(),
                                        "names_target": sum(target in a.lower() for a in answers) / len(answers)}
         del adapter
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return matrix
 
 

@@ -207,6 +207,13 @@ class VLMAdapter:
             self._step_inputs = cached = (prompt, batch_size, self.teacher_forcing_inputs(prompt, batch_size))
         return cached[2]
 
+    @torch.no_grad()
+    def answer_probability(self, images: torch.Tensor, prompt: Prompt) -> torch.Tensor:
+        """P(the prompt's target | image) per normalised image: the product over its tokens, [B]."""
+        logp = self.target_logits(images, prompt).log_softmax(-1)
+        targets = prompt.target_ids.to(logp.device).expand(len(images), -1)
+        return logp.gather(-1, targets[..., None]).sum((1, 2)).exp()
+
     # -- prompts -----------------------------------------------------------------------------
     @property
     def image_token_id(self) -> int:

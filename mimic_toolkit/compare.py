@@ -77,9 +77,7 @@ def _transfer_matrix(registry, results, flags) -> dict:
         for source, other in done.items():
             pictures = [Image.open(p) for p in sorted((other["run"] / "images").glob("*.png"))]
             images = adapter.preprocess(pictures)
-            with torch.no_grad():
-                logp = adapter.target_logits(images, prompt).log_softmax(-1)
-            p = logp.gather(-1, prompt.target_ids.to(logp.device).expand(len(images), -1)[..., None]).sum((1, 2)).exp()
+            p = adapter.answer_probability(images, prompt)
             answers = adapter.tokenizer.batch_decode(adapter.generate(images, question, prompt.n_target + 3),
                                                      skip_special_tokens=True)
             matrix[(source, judge)] = {"p_target": p.mean().item(),

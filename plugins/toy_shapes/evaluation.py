@@ -40,11 +40,7 @@ def load_run_images(folder: Path) -> torch.Tensor:
 
 def answer_probability(adapter, images01: torch.Tensor, question: str, answer: str) -> torch.Tensor:
     """P(answer | image, question) under the VLM, per image (product over the answer's tokens)."""
-    prompt = adapter.build_prompt([(question, answer)])
-    with torch.no_grad():
-        logits = adapter.target_logits(adapter.normalise(images01), prompt)
-    logp = logits.log_softmax(-1).gather(-1, prompt.target_ids.expand(len(images01), -1).unsqueeze(-1))
-    return logp.sum((1, 2)).exp()
+    return adapter.answer_probability(adapter.normalise(images01), adapter.build_prompt([(question, answer)]))
 
 
 def evaluate_run(folder: Path, adapter, classifier) -> dict:

@@ -8,11 +8,14 @@ plain [B, 3, H, W] batch override `pixel_inputs` (and `text_inputs` for extra te
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.checkpoint import checkpoint
 
 from .errors import UserError
 from .specs import AdapterSpec
@@ -120,14 +123,42 @@ class VLMAdapter:
         """Where images go: the device of the first layer (with a device map, the input's)."""
         return self.model.get_input_embeddings().weight.device
 
-    def use_activation_checkpointing(self) -> None:
-        """Recompute each transformer layer during the backward pass instead of keeping its
-        activations. transformers checkpoints only layers in training mode, so those layers are
-        switched to it: with frozen weights and no dropout that changes nothing else."""
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for module in self.model.modules():
-            if getattr(module, "gradient_checkpointing", False):
-                module.train()
+    @contextmanager
+    def activation_checkpointing(self, level: str):
+        """Recompute activations in the backward pass instead of keeping them, while inside.
+        "mlp": the MLP blocks of every vision and language layer (`mlp_blocks`): their wide
+        hidden activations are most of what a frozen model keeps, and recomputing them costs two
+        of a layer's matmuls. "layers": whole layers (transformers' gradient checkpointing, which
+        acts only on layers in training mode: with frozen weights and no dropout nothing else
+        changes). "off": nothing. The gradient is the same in every level."""
+        if level == "layers":
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for module in self.model.modules():
+                if getattr(module, "gradient_checkpointing", False):
+                    module.train()
+        blocks = self.mlp_blocks() if level == "mlp" else []
+        own_forwards = [block.__dict__.get("forward") for block in blocks]  # accelerate's device hooks live there
+        for block in blocks:
+            # eval mode has no randomness to replay, so the RNG state is not saved per call
+            block.forward = partial(checkpoint, block.forward, use_reentrant=False, preserve_rng_state=False)
+        try:
+            yield
+        finally:
+            for block, forward in zip(blocks, own_forwards):
+                if forward is None:
+                    del block.forward
+                else:
+                    block.forward = forward
+            if level == "layers":  # transformers 5.24 renamed the switch; 5.17 has only the old name
+                (getattr(self.model, "activation_checkpointing_disable", None)
+                 or self.model.gradient_checkpointing_disable)()
+                self.model.eval()
+
+    def mlp_blocks(self) -> list[torch.nn.Module]:
+        """The MLP blocks that `activation_checkpointing("mlp")` recomputes: the language model's
+        (`lm.{i}.mlp`) and the vision tower's feature sites named `*.mlp`."""
+        sites = {**self.feature_sites(), **self.lm_sites()}
+        return [module for name, module in sites.items() if name.endswith(".mlp")]
 
     @property
     def dtype(self) -> torch.dtype:

@@ -10,6 +10,9 @@ import yaml
 from .errors import UserError
 
 
+MEMORY_SAVING = ("off", "mlp", "layers")
+
+
 @dataclass
 class InversionConfig:
     # what to invert
@@ -42,7 +45,9 @@ class InversionConfig:
     device: str = "auto"  # "auto": cuda if available, else cpu
     device_map: str | None = None  # "auto": spread a model too large for one GPU over all visible GPUs
     compile: bool = False  # torch.compile the step (model + objective): faster after a warm-up
-    memory_saving: bool = False  # recompute decoder layers in the backward pass: less memory, more time
+    # recompute activations in the backward pass instead of keeping them: "mlp" the MLP blocks
+    # (most of the memory, a quarter more time), "layers" whole layers (least memory, most time)
+    memory_saving: str = "off"
     dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
     trust_remote_code: bool = False
     outputs: str | None = None  # run folder; default runs/<model>-<class>-<time>
@@ -66,6 +71,8 @@ class InversionConfig:
             raise UserError(f"init must be 'noise' or 'blank', not '{self.init}'")
         if self.parameterisation not in ("pixel", "fourier"):
             raise UserError(f"parameterisation must be 'pixel' or 'fourier', not '{self.parameterisation}'")
+        if self.memory_saving not in MEMORY_SAVING:
+            raise UserError(f"memory-saving must be one of {', '.join(MEMORY_SAVING)}, not '{self.memory_saving}'")
         if self.feature_form not in ("l2", "kl"):
             raise UserError(f"feature-form must be 'l2' or 'kl', not '{self.feature_form}'")
         if self.objective_positions not in ("last-prompt", "image"):

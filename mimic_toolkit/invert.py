@@ -7,6 +7,7 @@ its `state_dict` is everything a bit-identical resume needs. It knows nothing of
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,14 +33,15 @@ class Inversion:
                  terms: list[ActiveTerm], stats=None, rank: int = 0, lm_objective=None):
         self.adapter, self.prompt, self.config = adapter, prompt, config
         self.terms = [t for t in terms if t.scale != 0]  # a term at scale 0 is never computed
-        # Hooks are registered once for the whole run (a compiled step must not see them change).
+        # Hooks and recomputation are set up once for the whole run (a compiled step must not see
+        # them change) and undone by `close`: the adapter is shared by the runs of a sweep.
+        self._undo = ExitStack()
         uses_features = any(t.name == "feature" for t in self.terms)
-        self.recorder = FeatureRecorder(adapter, config.batch_size).__enter__() if uses_features else None
+        self.recorder = self._undo.enter_context(FeatureRecorder(adapter, config.batch_size)) if uses_features else None
         # the "lm" term reads the hidden state at its objective's site
         self.lm_objective = lm_objective if any(t.name == "lm" for t in self.terms) else None
-        self.lm_recorder = LMRecorder(adapter, [lm_objective.site]).__enter__() if self.lm_objective else None
-        if config.memory_saving:
-            adapter.use_activation_checkpointing()
+        self.lm_recorder = self._undo.enter_context(LMRecorder(adapter, [lm_objective.site])) if self.lm_objective else None
+        self._undo.enter_context(adapter.activation_checkpointing(config.memory_saving))
         self.objective = torch.compile(self._objective, dynamic=False) if config.compile else self._objective
         self.stats = stats.targets(adapter.device) if stats is not None else None
         self.targets = prompt.target_ids.to(adapter.device)
@@ -120,10 +122,8 @@ class Inversion:
         return metrics
 
     def close(self) -> None:
-        """Remove the recording hooks from the (shared) model."""
-        for recorder in (self.recorder, self.lm_recorder):
-            if recorder:
-                recorder.__exit__(None, None, None)
+        """Leave the (shared) model as it was: no recording hooks, no recomputation."""
+        self._undo.close()
 
     def __enter__(self):
         return self

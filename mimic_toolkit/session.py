@@ -23,7 +23,7 @@ from .runfolder import RunFolder, manifest
 from .specs import AdapterSpec
 
 # Settings that may differ when a run is resumed (they do not change the result).
-RESUME_MAY_CHANGE = {"device", "outputs"}
+RESUME_MAY_CHANGE = {"device", "outputs", "compile", "memory_saving"}  # where and how, not what
 
 
 class Interrupted(Exception):

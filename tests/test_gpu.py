@@ -42,13 +42,14 @@ def inversion(adapter, **settings) -> Inversion:
     return Inversion(adapter, prompt, config, terms, stats)
 
 
-@pytest.mark.parametrize("name, mode", [(name, "memory_saving") for name in sorted(ADAPTERS)]
-                         + [("llava", "compile")])  # compiling takes long; the benchmark compiles full size
+@pytest.mark.parametrize("name, mode", [(name, {"memory_saving": level}) for name in sorted(ADAPTERS)
+                                        for level in ("mlp", "layers")]
+                         + [("llava", {"compile": True})])  # compiling takes long; the benchmark compiles full size
 def test_each_execution_mode_computes_the_same_step_on_the_gpu(name, mode):
     """Same loss and image gradient as the lean default (compared on the first step: Adam's update
     of a near-zero gradient turns rounding into a full step, so later images may differ)."""
     results = []
-    for settings in ({}, {mode: True}):
+    for settings in ({}, mode):
         adapter = tiny_on_gpu(name)
         with inversion(adapter, **settings) as run:
             loss = run.run_step(want_metrics=True)["loss"]

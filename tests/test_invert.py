@@ -134,15 +134,25 @@ def _one_step_gradient(adapter, **settings):
         return loss.detach(), inversion.images.grad.clone()
 
 
-def test_memory_saving_mode_gives_the_same_gradient(tiny_llava):
+@pytest.mark.parametrize("level", ["mlp", "layers"])
+def test_memory_saving_gives_the_same_gradient_and_is_undone_on_close(tiny_llava, level):
     from mimic_plugins.llava_llama3.adapter import LlavaLlama3Adapter
 
     loss, grad = _one_step_gradient(tiny_llava)
     saving = LlavaLlama3Adapter(tiny_llava.model.__class__(tiny_llava.model.config), tiny_llava.tokenizer)
     saving.model.load_state_dict(tiny_llava.model.state_dict())
-    loss_saving, grad_saving = _one_step_gradient(saving, memory_saving=True)
-    assert all(layer.gradient_checkpointing and layer.training for layer in saving.model.model.language_model.layers)
+    layers = saving.model.model.language_model.layers
+    with make(saving, steps=1, jitter=0, flip=False, scales={"main": 1.0, "tv_l2": 0.1}, memory_saving=level) as run:
+        if level == "layers":
+            assert all(layer.gradient_checkpointing and layer.training for layer in layers)
+        else:  # every MLP block, the vision tower's and the language model's, recomputes
+            assert len(saving.mlp_blocks()) == 4 and all("forward" in vars(m) for m in saving.mlp_blocks())
+        loss_saving, _, _ = run.objective(run.images)
+        loss_saving.backward()
+        grad_saving = run.images.grad
     assert torch.allclose(loss, loss_saving) and torch.allclose(grad, grad_saving, atol=1e-6)
+    assert not any(layer.training or getattr(layer, "gradient_checkpointing", False) for layer in layers)
+    assert not any("forward" in vars(m) for m in saving.mlp_blocks())
 
 
 def test_feature_hooks_are_removed_when_the_inversion_closes(tiny_llava):
@@ -155,9 +165,10 @@ def test_feature_hooks_are_removed_when_the_inversion_closes(tiny_llava):
 
 
 @pytest.mark.slow
-def test_compiled_step_matches_the_eager_step(tiny_llava):
+@pytest.mark.parametrize("memory_saving", ["off", "mlp"])
+def test_compiled_step_matches_the_eager_step(tiny_llava, memory_saving):
     loss, grad = _one_step_gradient(tiny_llava)
-    loss_compiled, grad_compiled = _one_step_gradient(tiny_llava, compile=True)
+    loss_compiled, grad_compiled = _one_step_gradient(tiny_llava, compile=True, memory_saving=memory_saving)
     assert torch.allclose(loss, loss_compiled, atol=1e-5) and torch.allclose(grad, grad_compiled, atol=1e-5)
 
 

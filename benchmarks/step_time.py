@@ -32,8 +32,10 @@ MODES = {
     "reference": {},
     "lean": {},
     "compile": {"compile": True},
-    "memory_saving": {"memory_saving": True},
-    "compile_memory_saving": {"compile": True, "memory_saving": True},
+    "recompute_mlp": {"memory_saving": "mlp"},
+    "recompute_layers": {"memory_saving": "layers"},
+    "compile_recompute_mlp": {"compile": True, "memory_saving": "mlp"},
+    "compile_recompute_layers": {"compile": True, "memory_saving": "layers"},
 }
 
 
@@ -43,7 +45,8 @@ def main(argv=None) -> None:
     if device == "cpu":
         torch.set_num_threads(1)  # on a shared CPU one thread gives steadier timings; ratios are what count
     size = args.size or ("full" if device == "cuda" else "mid")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what the toolkit's dtype "auto" picks
+    # by default what the toolkit's dtype "auto" picks
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     peak = matmul_tflops(device, dtype)
     emit(date=time.strftime("%Y-%m-%d %H:%M:%S %z"), torch=torch.__version__, transformers=transformers.__version__,
          device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
@@ -52,7 +55,7 @@ def main(argv=None) -> None:
     registry = build_registry()
     for name in args.models.split(","):
         spec = registry.adapter_spec(name)
-        adapter = build_adapter(spec.load_class(), size, device, dtype)
+        adapter = build_adapter(spec.load_class(), size, device, dtype, args.depth)
         prompt = random_prompt(adapter, args.prompt_tokens, args.answer_tokens)
         for mode in args.modes.split(","):
             for batch in map(int, (args.batches or ("4" if device == "cuda" else "1")).split(",")):
@@ -71,7 +74,10 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=("full", "mid"), help="default: full on a GPU, mid on a CPU")
     parser.add_argument("--models", default="llava-llama3,qwen2-vl,idefics2")
-    parser.add_argument("--modes", default="reference,lean,compile,memory_saving")
+    parser.add_argument("--modes", default="reference,lean,compile,recompute_mlp,recompute_layers")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--depth", type=int, nargs=2, metavar=("LM", "VISION"),
+                        help="only this many language and vision layers (widths unchanged): per-layer costs")
     parser.add_argument("--batches", help="comma-separated batch sizes; default: 4 on a GPU, 1 on a CPU")
     parser.add_argument("--prompt-tokens", type=int, default=40, help="random text tokens around the image")
     parser.add_argument("--answer-tokens", type=int, default=24)
@@ -107,12 +113,20 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def build_adapter(adapter_class, size: str, device: str, dtype: torch.dtype):
+def build_adapter(adapter_class, size: str, device: str, dtype: torch.dtype, depth=None):
     """A random-initialised model of the declared architecture, created on the device directly."""
     model_class = getattr(transformers, adapter_class.model_class)
+    config = adapter_class.benchmark_config(size)
+    if depth:
+        lm_layers, vision_layers = depth
+        config.text_config.num_hidden_layers = lm_layers
+        if getattr(config.text_config, "layer_types", None):
+            config.text_config.layer_types = config.text_config.layer_types[:lm_layers]
+        vision = config.vision_config  # Qwen2-VL counts its vision blocks as `depth`
+        setattr(vision, "depth" if hasattr(vision, "depth") else "num_hidden_layers", vision_layers)
     torch.manual_seed(0)
     with torch.device(device):
-        model = model_class._from_config(adapter_class.benchmark_config(size), dtype=dtype)
+        model = model_class._from_config(config, dtype=dtype)
     return adapter_class(model, tokenizer=None)
 
 
@@ -150,6 +164,7 @@ def measure(registry, model_id: str, adapter, prompt: Prompt, mode: str, batch: 
         synchronize(device)
         seconds = (time.perf_counter() - started) / iters
         finite = bool(torch.isfinite(inversion.images.grad).all())
+        saved = None if config.compile else saved_for_backward(adapter, inversion)
         weight_grads = any(p.grad is not None for p in adapter.model.parameters())
     params = sum(p.numel() for p in adapter.model.parameters())
     tokens = batch * len(prompt.input_ids)
@@ -159,9 +174,28 @@ def measure(registry, model_id: str, adapter, prompt: Prompt, mode: str, batch: 
     return dict(dtype=str(adapter.dtype).removeprefix("torch."), params_b=round(params / 1e9, 3), tokens=tokens,
                 ms_per_step=round(1000 * seconds, 2), warmup_s=round(warmup_s, 1),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+                saved_gib=None if saved is None else round(saved / 2**30, 4),
                 tokens_per_s=round(tokens / seconds), tflops_est=round(flops / seconds / 1e12, 3),
                 weight_grads=weight_grads, grads_finite=finite,
                 **({"graph_breaks": graph_breaks()} if config.compile else {}))
+
+
+def saved_for_backward(adapter, inversion) -> int:
+    """Bytes the step's forward keeps for its backward pass (the activations; weights excluded),
+    counted tensor by tensor on any device: what the memory-saving levels trade for time."""
+    weights = {p.untyped_storage().data_ptr() for p in adapter.model.parameters()}
+    kept = {}
+
+    def count(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        loss, _, _ = inversion.objective(inversion.augment(inversion.images))
+    loss.backward()
+    return sum(kept.values())
 
 
 def graph_breaks() -> int:
@@ -176,8 +210,8 @@ def fraction_of_peak(row: dict, peak_tflops: float) -> dict:
 
 @contextmanager
 def execution_mode(adapter, reference: bool):
-    """Leaves the shared model as it found it: frozen, in eval mode, no activation checkpointing
-    (which `memory_saving` switches on for good), no weight gradients, the adapter's own forward."""
+    """Leaves the shared model as it found it: frozen, no weight gradients, the adapter's own
+    forward (the inversion itself undoes its activation checkpointing when it closes)."""
     if reference:
         reference_style(adapter)
     try:
@@ -185,10 +219,7 @@ def execution_mode(adapter, reference: bool):
     finally:
         if "target_logits" in vars(adapter):
             del adapter.target_logits
-        model = adapter.model  # transformers 5.24 renamed the switch; 5.17 has only the old name
-        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-        model.eval().requires_grad_(False)
-        model.zero_grad(set_to_none=True)
+        adapter.model.requires_grad_(False).zero_grad(set_to_none=True)
 
 
 def reference_style(adapter) -> None:

@@ -76,6 +76,25 @@ def test_each_mid_benchmark_model_runs_the_real_step(registry, model_id):
     assert row["grads_finite"] and not row["weight_grads"] and row["ms_per_step"] > 0
 
 
+@pytest.mark.parametrize("model_id", ["llava-llama3", "qwen2-vl", "idefics2"])
+def test_each_memory_saving_level_keeps_less_for_the_backward_and_gives_the_same_gradient(registry, model_id):
+    adapter = step_time.build_adapter(registry.adapter_spec(model_id).load_class(), "mid", "cpu", torch.float32)
+    prompt = step_time.random_prompt(adapter, 40, 24)
+    rows, grads = {}, {}
+    for mode in ("lean", "recompute_mlp", "recompute_layers"):
+        rows[mode] = step_time.measure(registry, model_id, adapter, prompt, mode, 2, warmup=0, iters=1)
+        config = build_config(registry, dict(model=model_id, batch_size=2, resolution=adapter.resolution,
+                                             jitter=0, flip=False, **step_time.MODES[mode]))
+        terms = [ActiveTerm(n, registry.objective_specs()[n].term, s) for n, s in config.scales.items()]
+        with Inversion(adapter, prompt, config, terms, step_time.stand_in_statistics(adapter)) as inversion:
+            inversion.objective(inversion.images)[0].backward()
+            grads[mode] = inversion.images.grad
+    kept = [rows[mode]["saved_gib"] for mode in ("lean", "recompute_mlp", "recompute_layers")]
+    assert kept[0] > kept[1] > kept[2] > 0, kept
+    for mode in ("recompute_mlp", "recompute_layers"):
+        assert torch.allclose(grads[mode], grads["lean"], rtol=1e-4, atol=1e-6), mode
+
+
 def test_reference_style_computes_weight_grads_and_logits_everywhere_and_lean_does_not(registry, tiny_llava):
     prompt = step_time.random_prompt(tiny_llava, 8, 3)
     vocab = tiny_llava.model.config.text_config.vocab_size

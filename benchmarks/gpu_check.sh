@@ -46,9 +46,9 @@ else
 fi
 
 stage 105 bench.jsonl python3 benchmarks/step_time.py --size full --models llava-llama3,qwen2-vl,idefics2 \
-    --modes reference,lean,recompute_mlp,recompute_layers --batches 4,1
+    --modes reference,lean,recompute_selective,recompute_layers --batches 4,1
 stage 75 pytest_gpu.txt python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py
 stage 130 bench.jsonl python3 benchmarks/step_time.py --size full --models llava-llama3 --modes compile --batches 4,1
-stage 70 bench.jsonl python3 benchmarks/step_time.py --size full --models llava-llama3 --modes compile_recompute_mlp \
+stage 70 bench.jsonl python3 benchmarks/step_time.py --size full --models llava-llama3 --modes compile_recompute_selective \
     --batches 4
 log "done"

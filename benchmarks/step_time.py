@@ -32,9 +32,9 @@ MODES = {
     "reference": {},
     "lean": {},
     "compile": {"compile": True},
-    "recompute_mlp": {"memory_saving": "mlp"},
+    "recompute_selective": {"memory_saving": "selective"},
     "recompute_layers": {"memory_saving": "layers"},
-    "compile_recompute_mlp": {"compile": True, "memory_saving": "mlp"},
+    "compile_recompute_selective": {"compile": True, "memory_saving": "selective"},
     "compile_recompute_layers": {"compile": True, "memory_saving": "layers"},
 }
 
@@ -74,7 +74,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=("full", "mid"), help="default: full on a GPU, mid on a CPU")
     parser.add_argument("--models", default="llava-llama3,qwen2-vl,idefics2")
-    parser.add_argument("--modes", default="reference,lean,compile,recompute_mlp,recompute_layers")
+    parser.add_argument("--modes", default="reference,lean,compile,recompute_selective,recompute_layers")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--depth", type=int, nargs=2, metavar=("LM", "VISION"),
                         help="only this many language and vision layers (widths unchanged): per-layer costs")

@@ -126,9 +126,8 @@ class VLMAdapter:
     @contextmanager
     def activation_checkpointing(self, level: str):
         """Recompute activations in the backward pass instead of keeping them, while inside.
-        "mlp": the MLP blocks of every vision and language layer (`mlp_blocks`): their wide
-        hidden activations are most of what a frozen model keeps, and recomputing them costs two
-        of a layer's matmuls. "layers": whole layers (transformers' gradient checkpointing, which
+        "selective": the modules of `selectively_recomputed`, which keep most of the memory and
+        cost little to recompute. "layers": whole layers (transformers' gradient checkpointing, which
         acts only on layers in training mode: with frozen weights and no dropout nothing else
         changes). "off": nothing. The gradient is the same in every level."""
         if level == "layers":
@@ -136,7 +135,7 @@ class VLMAdapter:
             for module in self.model.modules():
                 if getattr(module, "gradient_checkpointing", False):
                     module.train()
-        blocks = self.mlp_blocks() if level == "mlp" else []
+        blocks = self.selectively_recomputed() if level == "selective" else []
         own_forwards = [block.__dict__.get("forward") for block in blocks]  # accelerate's device hooks live there
         for block in blocks:
             # eval mode has no randomness to replay, so the RNG state is not saved per call
@@ -154,11 +153,16 @@ class VLMAdapter:
                  or self.model.gradient_checkpointing_disable)()
                 self.model.eval()
 
-    def mlp_blocks(self) -> list[torch.nn.Module]:
-        """The MLP blocks that `activation_checkpointing("mlp")` recomputes: the language model's
-        (`lm.{i}.mlp`) and the vision tower's feature sites named `*.mlp`."""
+    def selectively_recomputed(self) -> list[torch.nn.Module]:
+        """What `activation_checkpointing("selective")` recomputes. The MLP blocks of the vision
+        tower (its feature sites named `*.mlp`) and of the language model: their wide hidden
+        activations are most of what a frozen model keeps, for two of a layer's matmuls. And the
+        language model's RMSNorms, which keep an fp32 copy of their input: recomputed, they keep
+        only the input itself, for a few elementwise operations."""
         sites = {**self.feature_sites(), **self.lm_sites()}
-        return [module for name, module in sites.items() if name.endswith(".mlp")]
+        norms = [module for layer in self.language_model.layers for module in layer.children()
+                 if type(module).__name__.endswith("RMSNorm")]
+        return [module for name, module in sites.items() if name.endswith(".mlp")] + norms
 
     @property
     def dtype(self) -> torch.dtype:

@@ -114,7 +114,7 @@ def invert(
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the step."),
     memory_saving: Optional[str] = typer.Option(
-        None, help="off | mlp (recompute MLP blocks in the backward pass) | layers (whole layers: least memory)."),
+        None, help="off | selective (recompute MLP blocks and norms in the backward pass) | layers (least memory)."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code"),
     outputs: Optional[Path] = typer.Option(None, help="Run folder (default runs/<model>-<class>-<time>)."),
     log_every: Optional[int] = typer.Option(None, help="Log metrics every N steps."),

@@ -10,7 +10,7 @@ import yaml
 from .errors import UserError
 
 
-MEMORY_SAVING = ("off", "mlp", "layers")
+MEMORY_SAVING = ("off", "selective", "layers")
 
 
 @dataclass
@@ -45,8 +45,9 @@ class InversionConfig:
     device: str = "auto"  # "auto": cuda if available, else cpu
     device_map: str | None = None  # "auto": spread a model too large for one GPU over all visible GPUs
     compile: bool = False  # torch.compile the step (model + objective): faster after a warm-up
-    # recompute activations in the backward pass instead of keeping them: "mlp" the MLP blocks
-    # (most of the memory, a quarter more time), "layers" whole layers (least memory, most time)
+    # recompute activations in the backward pass instead of keeping them: "selective" the MLP
+    # blocks and norms (most of the memory, two of each layer's seven matmuls), "layers" whole
+    # layers (least memory, most time)
     memory_saving: str = "off"
     dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
     trust_remote_code: bool = False

@@ -137,7 +137,7 @@ def test_bad_config_files_and_settings(invert_args, in_tmp):
     assert_user_error(invoke(*invert_args, "--config", "b.yaml"), "unknown setting 'iteratons'")
     assert_user_error(invoke(*invert_args, "--scale", "sharpness=1"), "unknown objective term 'sharpness'")
     assert_user_error(invoke(*invert_args, "--lr", "-1"), "lr > 0")
-    assert_user_error(invoke(*invert_args, "--memory-saving", "all"), "memory-saving must be one of off, mlp, layers")
+    assert_user_error(invoke(*invert_args, "--memory-saving", "all"), "memory-saving must be one of off, selective, layers")
 
 
 def test_existing_output_folder_is_not_overwritten(invert_args, in_tmp):
@@ -159,7 +159,7 @@ def test_resume_with_another_config_is_refused(invert_args, in_tmp):
     assert_user_error(invoke("invert", "--resume", "run.partial", "--iterations", "9"),
                       "was made with iterations=6, not 9")
     assert_user_error(invoke("invert", "--resume", "elsewhere"), "resume folder 'elsewhere' does not exist")
-    result = invoke("invert", "--resume", "run.partial", "--memory-saving", "mlp", "--quiet")  # how, not what
+    result = invoke("invert", "--resume", "run.partial", "--memory-saving", "selective", "--quiet")  # how, not what
     assert result.exit_code == 0, result.output
     assert (in_tmp / "run" / "report.html").is_file()
 

@@ -43,7 +43,7 @@ def inversion(adapter, **settings) -> Inversion:
 
 
 @pytest.mark.parametrize("name, mode", [(name, {"memory_saving": level}) for name in sorted(ADAPTERS)
-                                        for level in ("mlp", "layers")]
+                                        for level in ("selective", "layers")]
                          + [("llava", {"compile": True})])  # compiling takes long; the benchmark compiles full size
 def test_each_execution_mode_computes_the_same_step_on_the_gpu(name, mode):
     """Same loss and image gradient as the lean default (compared on the first step: Adam's update

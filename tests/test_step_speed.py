@@ -81,7 +81,7 @@ def test_each_memory_saving_level_keeps_less_for_the_backward_and_gives_the_same
     adapter = step_time.build_adapter(registry.adapter_spec(model_id).load_class(), "mid", "cpu", torch.float32)
     prompt = step_time.random_prompt(adapter, 40, 24)
     rows, grads = {}, {}
-    for mode in ("lean", "recompute_mlp", "recompute_layers"):
+    for mode in ("lean", "recompute_selective", "recompute_layers"):
         rows[mode] = step_time.measure(registry, model_id, adapter, prompt, mode, 2, warmup=0, iters=1)
         config = build_config(registry, dict(model=model_id, batch_size=2, resolution=adapter.resolution,
                                              jitter=0, flip=False, **step_time.MODES[mode]))
@@ -89,9 +89,9 @@ def test_each_memory_saving_level_keeps_less_for_the_backward_and_gives_the_same
         with Inversion(adapter, prompt, config, terms, step_time.stand_in_statistics(adapter)) as inversion:
             inversion.objective(inversion.images)[0].backward()
             grads[mode] = inversion.images.grad
-    kept = [rows[mode]["saved_gib"] for mode in ("lean", "recompute_mlp", "recompute_layers")]
+    kept = [rows[mode]["saved_gib"] for mode in ("lean", "recompute_selective", "recompute_layers")]
     assert kept[0] > kept[1] > kept[2] > 0, kept
-    for mode in ("recompute_mlp", "recompute_layers"):
+    for mode in ("recompute_selective", "recompute_layers"):
         assert torch.allclose(grads[mode], grads["lean"], rtol=1e-4, atol=1e-6), mode
 
 
@@ -102,11 +102,13 @@ def test_reference_style_computes_weight_grads_and_logits_everywhere_and_lean_do
     handle = tiny_llava.model.lm_head.register_forward_hook(lambda m, i, out: head_outputs.append(out.shape))
     try:
         reference = step_time.measure(registry, "llava-llama3", tiny_llava, prompt, "reference", 2, warmup=0, iters=1)
+        reference_heads, head_outputs[:] = head_outputs[:], []
         lean = step_time.measure(registry, "llava-llama3", tiny_llava, prompt, "lean", 2, warmup=0, iters=1)
     finally:
         handle.remove()
     assert reference["weight_grads"] and not lean["weight_grads"]
-    assert head_outputs == [(2, len(prompt.input_ids), vocab), (2, prompt.n_target + 1, vocab)]
+    assert reference_heads and set(reference_heads) == {(2, len(prompt.input_ids), vocab)}
+    assert head_outputs and set(head_outputs) == {(2, prompt.n_target + 1, vocab)}
     assert reference["grads_finite"] and lean["grads_finite"]
     # the shared model is left as it was: frozen, no gradients, the adapter's own forward
     assert not any(p.requires_grad or p.grad is not None for p in tiny_llava.model.parameters())

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import torch
 import transformers
+from torch.utils.flop_counter import FlopCounterMode
 
 from mimic_toolkit.adapter import IGNORE_INDEX, Prompt
 from mimic_toolkit.features import FeatureRecorder, FeatureStats
@@ -164,7 +165,7 @@ def measure(registry, model_id: str, adapter, prompt: Prompt, mode: str, batch: 
         synchronize(device)
         seconds = (time.perf_counter() - started) / iters
         finite = bool(torch.isfinite(inversion.images.grad).all())
-        saved = None if config.compile else saved_for_backward(adapter, inversion)
+        saved, counted_flops = (None, None) if config.compile else count_one_step(adapter, inversion)
         weight_grads = any(p.grad is not None for p in adapter.model.parameters())
     params = sum(p.numel() for p in adapter.model.parameters())
     tokens = batch * len(prompt.input_ids)
@@ -175,14 +176,16 @@ def measure(registry, model_id: str, adapter, prompt: Prompt, mode: str, batch: 
                 ms_per_step=round(1000 * seconds, 2), warmup_s=round(warmup_s, 1),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
                 saved_gib=None if saved is None else round(saved / 2**30, 4),
+                counted_gflop=None if counted_flops is None else round(counted_flops / 1e9, 2),
                 tokens_per_s=round(tokens / seconds), tflops_est=round(flops / seconds / 1e12, 3),
                 weight_grads=weight_grads, grads_finite=finite,
                 **({"graph_breaks": graph_breaks()} if config.compile else {}))
 
 
-def saved_for_backward(adapter, inversion) -> int:
-    """Bytes the step's forward keeps for its backward pass (the activations; weights excluded),
-    counted tensor by tensor on any device: what the memory-saving levels trade for time."""
+def count_one_step(adapter, inversion) -> tuple[int, int]:
+    """One more step, counted on any device: the bytes its forward keeps for the backward pass
+    (the activations; weights excluded), tensor by tensor, and the FLOPs of the whole step as
+    torch's counter counts them (matmuls and attention, recomputation included)."""
     weights = {p.untyped_storage().data_ptr() for p in adapter.model.parameters()}
     kept = {}
 
@@ -192,10 +195,11 @@ def saved_for_backward(adapter, inversion) -> int:
             kept[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
-        loss, _, _ = inversion.objective(inversion.augment(inversion.images))
-    loss.backward()
-    return sum(kept.values())
+    with FlopCounterMode(display=False) as flops:
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+            loss, _, _ = inversion.objective(inversion.augment(inversion.images))
+        loss.backward()
+    return sum(kept.values()), flops.get_total_flops()
 
 
 def graph_breaks() -> int:

@@ -41,29 +41,49 @@ def main(argv=None) -> None:
         spec = registry.adapter_spec(name)
         adapter_class = spec.load_class()
         full = adapter_class.benchmark_config("full")
-        depth = (full.text_config.num_hidden_layers,
-                 getattr(full.vision_config, "depth", None) or full.vision_config.num_hidden_layers)
         with torch.device("meta"):  # the parameter count of the full model, without its memory
-            params = sum(p.numel() for p in getattr(transformers, adapter_class.model_class)._from_config(full).parameters())
-        rows = {}
-        for layers in DEPTHS:
-            adapter = step_time.build_adapter(adapter_class, "full", "cpu", torch.bfloat16, layers)
-            prompt = step_time.random_prompt(adapter, 40, 24)
-            for mode in args.modes.split(","):
-                rows[layers, mode] = step_time.measure(registry, spec.id, adapter, prompt, mode, 1, warmup=0, iters=1)
-            del adapter
-        weights_gib = params * 2 / 2**30
-        for mode in args.modes.split(","):
-            fields = {}
-            for field in ("saved_gib", "counted_gflop"):
-                base, more_lm, more_vision = (rows[layers, mode][field] for layers in DEPTHS)
-                per_lm, per_vision = more_lm - base, more_vision - base
-                at_depth = base + (depth[0] - 1) * per_lm + (depth[1] - 2) * per_vision
-                fields[field] = dict(per_lm_layer=round(per_lm, 4), per_vision_layer=round(per_vision, 4),
-                                     full_depth_batch_1=round(at_depth, 3), full_depth=round(args.batch * at_depth, 3))
-            print(json.dumps(dict(model=spec.id, mode=mode, batch=args.batch, depth=depth, weights_gib=round(weights_gib, 2),
-                                  **fields, weights_plus_saved_gib=round(weights_gib + fields["saved_gib"]["full_depth"], 2))),
+            model = getattr(transformers, adapter_class.model_class)._from_config(full)
+        weights_gib = sum(p.numel() for p in model.parameters()) * 2 / 2**30  # bf16
+        depth = declared_depth(full)
+        modes = args.modes.split(",")
+        shallow = measure_depths(registry, spec.id, adapter_class, "full", torch.bfloat16, modes, DEPTHS)
+        for mode in modes:
+            fields = {field: {"per_lm_layer": round(per_lm, 4), "per_vision_layer": round(per_vision, 4),
+                              "full_depth_batch_1": round(total, 3), "full_depth": round(args.batch * total, 3)}
+                      for field, (per_lm, per_vision, total) in extrapolate(shallow[mode], depth).items()}
+            print(json.dumps(dict(model=spec.id, mode=mode, batch=args.batch, depth=depth,
+                                  weights_gib=round(weights_gib, 2), **fields,
+                                  weights_plus_saved_gib=round(weights_gib + fields["saved_gib"]["full_depth"], 2))),
                   flush=True)
+
+
+def declared_depth(config) -> tuple[int, int]:
+    """(language layers, vision layers); Qwen2-VL counts its vision blocks as `depth`."""
+    vision = config.vision_config
+    return config.text_config.num_hidden_layers, getattr(vision, "depth", None) or vision.num_hidden_layers
+
+
+def measure_depths(registry, model_id, adapter_class, size, dtype, modes, depths) -> dict:
+    """mode -> (language, vision) depth -> the benchmark's row of one batch-1 step."""
+    rows = {mode: {} for mode in modes}
+    for depth in depths:
+        adapter = step_time.build_adapter(adapter_class, size, "cpu", dtype, depth)
+        prompt = step_time.random_prompt(adapter, 40, 24)
+        for mode in modes:
+            rows[mode][depth] = step_time.measure(registry, model_id, adapter, prompt, mode, 1, warmup=0, iters=1)
+    return rows
+
+
+def extrapolate(rows: dict, depth: tuple[int, int]) -> dict:
+    """Per field: the cost of one more language layer, of one more vision layer, and the total at
+    `depth`, from the rows at the three DEPTHS (every layer of a kind costs the same)."""
+    out = {}
+    for field in ("saved_gib", "counted_gflop"):
+        base, more_lm, more_vision = (rows[d][field] for d in DEPTHS)
+        per_lm, per_vision = more_lm - base, more_vision - base
+        (lm, vision), (lm0, vision0) = depth, DEPTHS[0]
+        out[field] = (per_lm, per_vision, base + (lm - lm0) * per_lm + (vision - vision0) * per_vision)
+    return out
 
 
 if __name__ == "__main__":

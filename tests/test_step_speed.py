@@ -204,3 +204,22 @@ def test_a_loaded_checkpoint_uses_sdpa_attention_in_every_part(tiny_checkpoint):
     model = LlavaLlama3Adapter.load(str(tiny_checkpoint)).model
     assert {model.config._attn_implementation, model.config.vision_config._attn_implementation,
             model.config.text_config._attn_implementation} == {"sdpa"}
+
+
+def test_the_memory_estimate_extrapolates_shallow_models_to_a_deeper_one(registry):
+    """Its premise: every layer of a kind keeps the same activations and costs the same FLOPs.
+    Checked at mid width: depths (1,2), (2,2), (1,3) predict a directly measured (3,4), to the
+    rounding of the benchmark's fields (the prediction weighs three rounded values by 3, 2 and 2,
+    and the measurement is rounded too: at most 8 half-units of the last digit apart)."""
+    spec = importlib.util.spec_from_file_location("memory_estimate", ROOT / "benchmarks" / "memory_estimate.py")
+    memory_estimate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory_estimate)
+    adapter_class = registry.adapter_spec("llava-llama3").load_class()
+    modes = ["lean", "recompute_selective"]
+    rows = memory_estimate.measure_depths(registry, "llava-llama3", adapter_class, "mid", torch.float32, modes,
+                                          memory_estimate.DEPTHS + [(3, 4)])
+    for mode in modes:
+        for field, (per_lm, per_vision, predicted) in memory_estimate.extrapolate(rows[mode], (3, 4)).items():
+            assert per_lm > 0 and per_vision > 0
+            last_digit = {"saved_gib": 1e-4, "counted_gflop": 1e-2}[field]
+            assert predicted == pytest.approx(rows[mode][3, 4][field], abs=8 * last_digit / 2 + 1e-9), (mode, field)

@@ -7,7 +7,7 @@ depth and batch. What the forward keeps for the backward pass (`saved_gib`) scal
 batch; the weights come on top of it, and a GPU's peak adds what one layer holds during its
 backward. One JSON line per mode.
 
-    python benchmarks/memory_estimate.py --models llava-llama3 --batch 4     # about 8 minutes
+    python benchmarks/memory_estimate.py --models llava-llama3 --batch 4     # about 5 minutes
 """
 from __future__ import annotations
 

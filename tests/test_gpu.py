@@ -42,9 +42,10 @@ def inversion(adapter, **settings) -> Inversion:
     return Inversion(adapter, prompt, config, terms, stats)
 
 
-@pytest.mark.parametrize("name, mode", [(name, {"memory_saving": level}) for name in sorted(ADAPTERS)
-                                        for level in ("selective", "layers")]
-                         + [("llava", {"compile": True})])  # compiling takes long; the benchmark compiles full size
+@pytest.mark.parametrize("name, mode", [pytest.param(name, {"memory_saving": level}, id=f"{name}-{level}")
+                                        for name in sorted(ADAPTERS) for level in ("selective", "layers")]
+                         # compiling takes long; the benchmark compiles full size
+                         + [pytest.param("llava", {"compile": True}, id="llava-compile")])
 def test_each_execution_mode_computes_the_same_step_on_the_gpu(name, mode):
     """Same loss and image gradient as the lean default (compared on the first step: Adam's update
     of a near-zero gradient turns rounding into a full step, so later images may differ)."""

@@ -78,7 +78,7 @@ def extrapolate(rows: dict, depth: tuple[int, int]) -> dict:
     """Per field: the cost of one more language layer, of one more vision layer, and the total at
     `depth`, from the rows at the three DEPTHS (every layer of a kind costs the same)."""
     out = {}
-    for field in ("saved_gib", "counted_gflop"):
+    for field in ("saved_gib", "counted_gflop", "operators"):
         base, more_lm, more_vision = (rows[d][field] for d in DEPTHS)
         per_lm, per_vision = more_lm - base, more_vision - base
         (lm, vision), (lm0, vision0) = depth, DEPTHS[0]

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from mimic_toolkit.adapter import IGNORE_INDEX, Prompt
@@ -73,7 +74,8 @@ def main(argv=None) -> None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=("full", "mid"), help="default: full on a GPU, mid on a CPU")
+    parser.add_argument("--size", choices=("full", "mid", "tiny"),
+                        help="default: full on a GPU, mid on a CPU; tiny: the test models (host overhead per operator)")
     parser.add_argument("--models", default="llava-llama3,qwen2-vl,idefics2")
     parser.add_argument("--modes", default="reference,lean,compile,recompute_selective,recompute_layers")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on a GPU, float32 on a CPU")
@@ -116,13 +118,18 @@ def synchronize(device) -> None:
 
 def build_adapter(adapter_class, size: str, device: str, dtype: torch.dtype, depth=None):
     """A random-initialised model of the declared architecture, created on the device directly."""
+    if size == "tiny":  # the tests' models, whose steps are nearly all host work
+        adapter = adapter_class.tiny()
+        adapter.model.to(device, dtype)
+        return adapter
     model_class = getattr(transformers, adapter_class.model_class)
     config = adapter_class.benchmark_config(size)
     if depth:
         lm_layers, vision_layers = depth
         config.text_config.num_hidden_layers = lm_layers
-        if getattr(config.text_config, "layer_types", None):
-            config.text_config.layer_types = config.text_config.layer_types[:lm_layers]
+        types = getattr(config.text_config, "layer_types", None)
+        if types:  # the per-layer attention pattern, repeated to the new depth
+            config.text_config.layer_types = [types[i % len(types)] for i in range(lm_layers)]
         vision = config.vision_config  # Qwen2-VL counts its vision blocks as `depth`
         setattr(vision, "depth" if hasattr(vision, "depth") else "num_hidden_layers", vision_layers)
     torch.manual_seed(0)
@@ -165,7 +172,7 @@ def measure(registry, model_id: str, adapter, prompt: Prompt, mode: str, batch: 
         synchronize(device)
         seconds = (time.perf_counter() - started) / iters
         finite = bool(torch.isfinite(inversion.images.grad).all())
-        saved, counted_flops = (None, None) if config.compile else count_one_step(adapter, inversion)
+        saved, counted_flops, operators = (None,) * 3 if config.compile else count_one_step(adapter, inversion)
         weight_grads = any(p.grad is not None for p in adapter.model.parameters())
     params = sum(p.numel() for p in adapter.model.parameters())
     tokens = batch * len(prompt.input_ids)
@@ -177,15 +184,17 @@ def measure(registry, model_id: str, adapter, prompt: Prompt, mode: str, batch: 
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
                 saved_gib=None if saved is None else round(saved / 2**30, 4),
                 counted_gflop=None if counted_flops is None else round(counted_flops / 1e9, 2),
+                operators=operators,
                 tokens_per_s=round(tokens / seconds), tflops_est=round(flops / seconds / 1e12, 3),
                 weight_grads=weight_grads, grads_finite=finite,
                 **({"graph_breaks": graph_breaks()} if config.compile else {}))
 
 
-def count_one_step(adapter, inversion) -> tuple[int, int]:
+def count_one_step(adapter, inversion) -> tuple[int, int, int]:
     """One more step, counted on any device: the bytes its forward keeps for the backward pass
-    (the activations; weights excluded), tensor by tensor, and the FLOPs of the whole step as
-    torch's counter counts them (matmuls and attention, recomputation included)."""
+    (the activations; weights excluded), tensor by tensor; the FLOPs of the whole step as torch's
+    counter counts them (matmuls and attention, recomputation included); and the operators it
+    dispatches, views left out: about one GPU kernel launch each in an eager step."""
     weights = {p.untyped_storage().data_ptr() for p in adapter.model.parameters()}
     kept = {}
 
@@ -195,11 +204,21 @@ def count_one_step(adapter, inversion) -> tuple[int, int]:
             kept[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with FlopCounterMode(display=False) as flops:
+    with FlopCounterMode(display=False) as flops, OperatorCounter() as operators:
         with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
             loss, _, _ = inversion.objective(inversion.augment(inversion.images))
         loss.backward()
-    return sum(kept.values()), flops.get_total_flops()
+    return sum(kept.values()), flops.get_total_flops(), operators.count
+
+
+class OperatorCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
 
 
 def graph_breaks() -> int:

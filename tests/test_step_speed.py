@@ -128,6 +128,19 @@ def test_the_benchmark_prints_one_json_line_per_setting():
         assert row["ms_per_step"] > 0 and row["tokens_per_s"] > 0 and row["tflops_est"] > 0
         assert 0 < row["fraction_of_matmul_peak"] and row["peak_gib"] is None  # no GPU memory on a CPU
         assert row["weight_grads"] == (row["mode"] == "reference")
+        assert row["saved_gib"] > 0 and row["counted_gflop"] > 0 and row["operators"] > 0
+    by_mode = {(r["mode"], r["batch"]): r for r in rows}
+    for batch in (1, 2):  # weight gradients and logits everywhere: more kept, more work, more launches
+        lean, reference = by_mode["lean", batch], by_mode["reference", batch]
+        assert all(reference[f] > lean[f] for f in ("saved_gib", "counted_gflop", "operators"))
+
+
+def test_the_tiny_size_times_the_test_models_whose_step_is_mostly_host_work(registry):
+    adapter = step_time.build_adapter(LlavaLlama3Adapter, "tiny", "cpu", torch.float32)
+    assert sum(p.numel() for p in adapter.model.parameters()) < 1e6
+    row = step_time.measure(registry, "llava-llama3", adapter, step_time.random_prompt(adapter, 8, 3), "lean", 1,
+                            warmup=0, iters=1)
+    assert row["operators"] > 100 and row["ms_per_step"] > 0
 
 
 def test_an_unknown_mode_is_refused_by_name():
@@ -221,5 +234,5 @@ def test_the_memory_estimate_extrapolates_shallow_models_to_a_deeper_one(registr
     for mode in modes:
         for field, (per_lm, per_vision, predicted) in memory_estimate.extrapolate(rows[mode], (3, 4)).items():
             assert per_lm > 0 and per_vision > 0
-            last_digit = {"saved_gib": 1e-4, "counted_gflop": 1e-2}[field]
+            last_digit = {"saved_gib": 1e-4, "counted_gflop": 1e-2, "operators": 0}[field]
             assert predicted == pytest.approx(rows[mode][3, 4][field], abs=8 * last_digit / 2 + 1e-9), (mode, field)

@@ -2,6 +2,7 @@
 # The GPU check of the step-time issue, for one call of a GPU machine (at most 8 minutes):
 #   1. the shared reference-style script (../shared/bench or shared/bench), full-size models,
 #   2. the project's benchmark (benchmarks/step_time.py), full size, eager modes, batch 4 and 1,
+#      (recompute_layers, which method.md measured already, only for LLaVA at batch 4, in stage 4)
 #   3. the tests marked gpu,
 #   4. the project's benchmark in the compile modes (LLaVA-Llama-3 only: each compile takes a minute or more).
 # Each stage has its own time limit, so a slow one cannot cost the others. Everything lands under
@@ -38,7 +39,7 @@ for candidate in ../shared/bench/seed_style_step.py shared/bench/seed_style_step
     [ -f "$candidate" ] && shared=$candidate && break
 done
 if [ -n "$shared" ]; then
-    stage 95 shared.jsonl python3 "$shared" --models llava_llama3,qwen2_vl,idefics2 --modes seedlike,lean \
+    stage 90 shared.jsonl python3 "$shared" --models llava_llama3,qwen2_vl,idefics2 --modes seedlike,lean \
         --batches 4,1
 else
     log "MISSING: the shared reference script (../shared/bench/seed_style_step.py or shared/bench/); copy it"\
@@ -46,9 +47,9 @@ else
 fi
 
 stage 105 bench.jsonl python3 benchmarks/step_time.py --size full --models llava-llama3,qwen2-vl,idefics2 \
-    --modes reference,lean,recompute_selective,recompute_layers --batches 4,1
+    --modes reference,lean,recompute_selective --batches 4,1
 stage 75 pytest_gpu.txt python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py
 stage 130 bench.jsonl python3 benchmarks/step_time.py --size full --models llava-llama3 --modes compile --batches 4,1
-stage 70 bench.jsonl python3 benchmarks/step_time.py --size full --models llava-llama3 --modes compile_recompute_selective \
-    --batches 4
+stage 80 bench.jsonl python3 benchmarks/step_time.py --size full --models llava-llama3 \
+    --modes compile_recompute_selective,recompute_layers --batches 4
 log "done"

@@ -48,8 +48,10 @@ def main(argv=None) -> None:
         modes = args.modes.split(",")
         shallow = measure_depths(registry, spec.id, adapter_class, "full", torch.bfloat16, modes, DEPTHS)
         for mode in modes:
+            # memory and FLOPs grow with the batch; the number of operators does not
             fields = {field: {"per_lm_layer": round(per_lm, 4), "per_vision_layer": round(per_vision, 4),
-                              "full_depth_batch_1": round(total, 3), "full_depth": round(args.batch * total, 3)}
+                              "full_depth_batch_1": round(total, 3),
+                              "full_depth": round(total * (1 if field == "operators" else args.batch), 3)}
                       for field, (per_lm, per_vision, total) in extrapolate(shallow[mode], depth).items()}
             print(json.dumps(dict(model=spec.id, mode=mode, batch=args.batch, depth=depth,
                                   weights_gib=round(weights_gib, 2), **fields,

@@ -153,14 +153,11 @@ def random_prompt(adapter, text_tokens: int, answer_tokens: int) -> Prompt:
 
 def measure(registry, model_id: str, adapter, prompt: Prompt, mode: str, batch: int, warmup: int, iters: int) -> dict:
     device = adapter.device
-    config = build_config(registry, dict(model=model_id, batch_size=batch, resolution=adapter.resolution,
-                                         **MODES[mode]))
-    term_specs = registry.objective_specs()
-    terms = [ActiveTerm(name, term_specs[name].term, scale) for name, scale in config.scales.items()]
-    stats = stand_in_statistics(adapter) if config.scales.get("feature") else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with execution_mode(adapter, mode == "reference"), Inversion(adapter, prompt, config, terms, stats) as inversion:
+    with execution_mode(adapter, mode == "reference"), \
+            default_inversion(registry, model_id, adapter, prompt, batch_size=batch, **MODES[mode]) as inversion:
+        config = inversion.config
         started = time.perf_counter()
         for _ in range(warmup):
             inversion.run_step()
@@ -188,6 +185,16 @@ def measure(registry, model_id: str, adapter, prompt: Prompt, mode: str, batch: 
                 tokens_per_s=round(tokens / seconds), tflops_est=round(flops / seconds / 1e12, 3),
                 weight_grads=weight_grads, grads_finite=finite,
                 **({"graph_breaks": graph_breaks()} if config.compile else {}))
+
+
+def default_inversion(registry, model_id: str, adapter, prompt: Prompt, **settings) -> Inversion:
+    """An inversion with the model's default objective at its resolution (feature statistics
+    against stand-in targets), `settings` on top."""
+    config = build_config(registry, dict(model=model_id, resolution=adapter.resolution, **settings))
+    term_specs = registry.objective_specs()
+    terms = [ActiveTerm(name, term_specs[name].term, scale) for name, scale in config.scales.items()]
+    stats = stand_in_statistics(adapter) if config.scales.get("feature") else None
+    return Inversion(adapter, prompt, config, terms, stats)
 
 
 def count_one_step(adapter, inversion) -> tuple[int, int, int]:

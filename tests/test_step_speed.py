@@ -16,9 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mimic_plugins.idefics2.adapter import Idefics2Adapter
 from mimic_plugins.llava_llama3.adapter import LlavaLlama3Adapter
 from mimic_plugins.qwen2_vl.adapter import Qwen2VLAdapter
-from mimic_toolkit.invert import ActiveTerm, Inversion
 from mimic_toolkit.registry import build_registry
-from mimic_toolkit.session import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK = ROOT / "benchmarks" / "step_time.py"
@@ -83,10 +81,8 @@ def test_each_memory_saving_level_keeps_less_for_the_backward_and_gives_the_same
     rows, grads = {}, {}
     for mode in ("lean", "recompute_selective", "recompute_layers"):
         rows[mode] = step_time.measure(registry, model_id, adapter, prompt, mode, 2, warmup=0, iters=1)
-        config = build_config(registry, dict(model=model_id, batch_size=2, resolution=adapter.resolution,
-                                             jitter=0, flip=False, **step_time.MODES[mode]))
-        terms = [ActiveTerm(n, registry.objective_specs()[n].term, s) for n, s in config.scales.items()]
-        with Inversion(adapter, prompt, config, terms, step_time.stand_in_statistics(adapter)) as inversion:
+        with step_time.default_inversion(registry, model_id, adapter, prompt, batch_size=2, jitter=0, flip=False,
+                                         **step_time.MODES[mode]) as inversion:
             inversion.objective(inversion.images)[0].backward()
             grads[mode] = inversion.images.grad
     kept = [rows[mode]["saved_gib"] for mode in ("lean", "recompute_selective", "recompute_layers")]
@@ -200,10 +196,8 @@ def test_the_steps_own_code_reads_no_tensor_back_but_its_cpu_jitter_draws(regist
     generator and never wait for a device; whatever transformers reads is its own."""
     model_id = {LlavaLlama3Adapter: "llava-llama3", Qwen2VLAdapter: "qwen2-vl", Idefics2Adapter: "idefics2"}
     prompt = tiny.build_prompt([("What is in the image?", "a red circle")])
-    config = build_config(registry, dict(model=model_id[type(tiny)], batch_size=2, resolution=tiny.resolution,
-                                                   jitter=2, flip=True))
-    terms = [ActiveTerm(n, registry.objective_specs()[n].term, s) for n, s in config.scales.items()]
-    with Inversion(tiny, prompt, config, terms, step_time.stand_in_statistics(tiny)) as inversion:
+    with step_time.default_inversion(registry, model_id[type(tiny)], tiny, prompt, batch_size=2, jitter=2,
+                                     flip=True) as inversion:
         inversion.run_step()
         reads = HostReads()
         with reads:

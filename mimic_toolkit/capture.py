@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +20,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .adapter import VLMAdapter
+from .atomic import PartialFolder, refuse_existing
 from .errors import UserError
 from .features import adapter_revision, find_images
 from .lm import LMRecorder
 
 FORMAT = "mimic-features/1"
 DEFAULT_QUESTION = "Describe the image."
-PARTIAL = ".partial"
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -270,12 +269,9 @@ class FeatureWriter:
     all under `<out>.partial` until `finish` renames it. An entry's `rows` are [start, end) in its shard."""
 
     def __init__(self, out: str | os.PathLike, shard_size: int = 4096):
-        self.out = Path(out)
-        if self.out.exists():
-            raise UserError(f"output folder '{self.out}' already exists; choose another --out")
-        self.folder = self.out.with_name(self.out.name + PARTIAL)
-        shutil.rmtree(self.folder, ignore_errors=True)  # debris of an interrupted capture
-        self.folder.mkdir(parents=True)
+        refuse_existing(Path(out), "--out")
+        self.output = PartialFolder(out)
+        self.folder = self.output.start()
         self.shard_size = shard_size
         self.pending: list[torch.Tensor] = []
         self.pending_rows = self.rows = self.count = 0
@@ -308,12 +304,11 @@ class FeatureWriter:
         self.index.close()
         meta = {"format": FORMAT, **meta, "samples": self.count, "rows": self.rows, "shards": self.shards}
         (self.folder / "meta.json").write_text(json.dumps(meta, indent=2))
-        self.folder.replace(self.out)
-        return self.out
+        return self.output.finish()
 
     def abort(self) -> None:
         self.index.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.output.discard()
 
 
 # -- reading -------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
+from .atomic import write_file
 from .config import InversionConfig
-from .errors import UserError
 
 concepts_app = typer.Typer(no_args_is_help=True, help="Concept dictionaries of captured hidden states.")
 steer_app = typer.Typer(no_args_is_help=True, help="Steering vectors: build one, answer with it.")
@@ -35,16 +35,6 @@ def _load(model: str, checkpoint: Optional[str], revision: Optional[str], device
     source = settings.checkpoint or spec.checkpoint
     local = Path(source).expanduser()
     return spec.id, str(local.resolve()) if local.exists() else source, adapter
-
-
-def _write_new(path: Path, text: str) -> None:
-    """Write a new file completely or not at all."""
-    if path.exists():
-        raise UserError(f"'{path}' already exists; choose another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
 
 
 def _slug(text: str) -> str:
@@ -125,7 +115,7 @@ def concepts_project(
 
     rows = project(ConceptSet.load(concepts), Features.load(features), top)
     if out:
-        _write_new(out, "".join(json.dumps(row) + "\n" for row in rows))
+        write_file(out, "".join(json.dumps(row) + "\n" for row in rows), new="--out")
     for row in rows:
         listed = "; ".join(f"{t['concept']} ({t['activation']:.3g}: {' '.join(t['words'][:3])})" for t in row["top"])
         typer.echo(f"{row['id']}: {listed}")
@@ -173,7 +163,7 @@ def steer_apply(
     rows = steer_answers(adapter, samples, site or meta["site"], direction, alpha, policy,
                          max_new_tokens=max_new_tokens, batch_size=batch_size)
     if out:
-        _write_new(out, "".join(json.dumps(row) + "\n" for row in rows))
+        write_file(out, "".join(json.dumps(row) + "\n" for row in rows), new="--out")
     from rich.console import Console
     from rich.table import Table
 
@@ -206,7 +196,7 @@ def shift(
                     device, "float32")[2] if not no_words else None
     result = shift_analysis(before, after, method=method, k=k, alpha=alpha, seed=seed, top=top, adapter=adapter)
     if out:
-        _write_new(out, json.dumps(result, indent=2))
+        write_file(out, json.dumps(result, indent=2), new="--out")
     for row in result["concepts"]:
         typer.echo(f"concept {row['concept']:>2} -> {row['match']:>2}: cosine {row['cosine_original']:.3f} -> "
                    f"{row['cosine_shifted']:.3f}, top-{top} overlap {row['top_overlap_original']:.2f} -> "

@@ -6,15 +6,14 @@ from __future__ import annotations
 import base64
 import html
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
+from .atomic import PartialFolder, refuse_existing
 from .errors import UserError
 from .registry import Registry
-from .runfolder import PARTIAL
 from .session import Processes, build_config, concept_of, load_adapter, run_inversion
 
 THUMB = 128
@@ -23,11 +22,9 @@ THUMB = 128
 def run_compare(registry: Registry, models: list[str], flags: dict, folder: Path,
                 checkpoints: dict[str, str] | None = None, say=print) -> Path:
     specs = [registry.adapter_spec(m) for m in models]  # unknown names fail before any work
-    if folder.exists():
-        raise UserError(f"output folder '{folder}' already exists; choose another --outputs")
-    work = folder.with_name(folder.name + PARTIAL)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    refuse_existing(folder, "--outputs")
+    output = PartialFolder(folder)  # left as it is on failure: its finished runs took long
+    work = output.start()
     results = {}
     for spec in specs:
         settings = {**flags, "model": spec.id, "outputs": str(work / spec.id),
@@ -48,8 +45,7 @@ def run_compare(registry: Registry, models: list[str], flags: dict, folder: Path
             say(f"{spec.id}: failed: {results[spec.id]['error']}")
     matrix = _transfer_matrix(registry, results, flags)
     _write(work, results, matrix)
-    work.rename(folder)
-    return folder
+    return output.finish()
 
 
 def _run_summary(run: Path) -> dict:

@@ -13,7 +13,6 @@ import html
 import io
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -21,7 +20,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .capture import PARTIAL, Features
+from .atomic import atomic_folder, refuse_existing
+from .capture import Features
 from .decompose import Decomposition, fit, purity
 from .errors import UserError
 
@@ -152,8 +152,7 @@ def fit_concepts(features: Features, method: str, k: int, out: str | os.PathLike
     Without an adapter the concepts are grounded in images only. `apply_final_norm` (default:
     unless the site is the final norm) says whether concept vectors pass the final norm first."""
     out = Path(out)
-    if out.exists():
-        raise UserError(f"output folder '{out}' already exists; choose another --out")
+    refuse_existing(out, "--out")
     rows = features.matrix()
     decomposition = fit(rows, method, k, seed=seed, sparsity=sparsity)
     acts = sample_activations(decomposition, features)
@@ -174,18 +173,11 @@ def fit_concepts(features: Features, method: str, k: int, out: str | os.PathLike
             "features": str(features.folder), "method": method, "k": k, "seed": seed,
             "sparsity": decomposition.sparsity, "final_norm": apply_final_norm, "rows": rows.shape[0],
             "words": grounded, "metrics": metrics}
-    partial = out.with_name(out.name + PARTIAL)
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        ConceptSet(decomposition, meta).save(partial / "concepts.safetensors")
+    with atomic_folder(out) as folder:
+        ConceptSet(decomposition, meta).save(folder / "concepts.safetensors")
         summary = {"meta": {k_: v for k_, v in meta.items() if k_ != "words"}, "concepts": cards}
-        (partial / "concepts.json").write_text(json.dumps(summary, indent=2))
-        (partial / "report.html").write_text(_report(meta, cards), encoding="utf-8")
-        partial.replace(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        (folder / "concepts.json").write_text(json.dumps(summary, indent=2))
+        (folder / "report.html").write_text(_report(meta, cards), encoding="utf-8")
     return out
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .adapter import VLMAdapter
+from .atomic import write_file
 from .errors import UserError
 from .hooks import SiteHooks
 
@@ -66,11 +67,8 @@ class FeatureStats:
         if "class_index" in self.meta:
             name += f"-c{self.meta['class_index']}"
         path = Path(folder) / f"{name}-{self.meta['resolution']}px-{self.meta['image_count']}img-{digest}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
-            tmp = path.with_suffix(".partial")
-            tmp.write_bytes(blob)
-            tmp.replace(path)
+            write_file(path, blob)
         return path
 
     @classmethod

@@ -15,15 +15,15 @@ import torch
 import yaml
 from PIL import Image
 
+from .atomic import PARTIAL, PartialFolder, atomic_file, refuse_existing, write_file
 from .errors import UserError
 
-PARTIAL = ".partial"
 
+class RunFolder(PartialFolder):
+    """Stays `<name>.partial` when a run stops early, so `--resume` can continue it."""
 
-class RunFolder:
     def __init__(self, final: Path, rank: int = 0, world_size: int = 1):
-        self.final = Path(final)
-        self.path = self.final.with_name(self.final.name + PARTIAL)
+        super().__init__(final)
         self.rank, self.world_size = rank, world_size
         # per-process files carry the rank only when there is more than one process
         self.tag = f".rank{rank}" if world_size > 1 else ""
@@ -42,8 +42,7 @@ class RunFolder:
         return run
 
     def create(self) -> None:
-        if self.final.exists():
-            raise UserError(f"output folder '{self.final}' already exists; choose another --outputs")
+        refuse_existing(self.final, "--outputs")
         if self.path.exists():
             raise UserError(f"'{self.path}' holds an unfinished run; continue it with --resume {self.path} "
                             "or remove it")
@@ -60,13 +59,13 @@ class RunFolder:
         return self.path / f"metrics{self.tag}.jsonl"
 
     def write_config(self, config: dict) -> None:
-        _atomic_write(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        write_file(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     def read_config(self) -> dict:
         return yaml.safe_load((self.path / "config.yaml").read_text())
 
     def write_manifest(self, manifest: dict) -> None:
-        _atomic_write(self.path / "manifest.json", json.dumps(manifest, indent=2))
+        write_file(self.path / "manifest.json", json.dumps(manifest, indent=2))
 
     def read_manifest(self) -> dict:
         path = self.path / "manifest.json"
@@ -81,12 +80,11 @@ class RunFolder:
         if self.metrics_path.is_file():
             rows = [line for line in self.metrics_path.read_text().splitlines()
                     if line and json.loads(line)["step"] <= after_step]
-            _atomic_write(self.metrics_path, "".join(r + "\n" for r in rows))
+            write_file(self.metrics_path, "".join(r + "\n" for r in rows))
 
     def save_checkpoint(self, state: dict) -> None:
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.checkpoint_path)
+        with atomic_file(self.checkpoint_path) as partial:
+            torch.save(state, partial)
 
     def load_checkpoint(self) -> dict:
         # weights_only: a checkpoint can hold tensors and plain data, never code
@@ -105,16 +103,6 @@ class RunFolder:
         path = self.path / "grids" / f"step_{step:06d}{self.tag}.png"
         grid(images01).save(path)
         return path
-
-    def finish(self) -> Path:
-        self.path.rename(self.final)
-        return self.final
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def to_pil(image01: torch.Tensor) -> Image.Image:

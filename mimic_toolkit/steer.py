@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from .atomic import atomic_file
 from .capture import Features, Sample, by_question, open_images, until_end
 from .errors import UserError
 from .lm import PositionPolicy, Steering
@@ -29,14 +30,9 @@ def save_vector(vector: torch.Tensor, meta: dict, path: str | os.PathLike) -> Pa
     """Written under a temporary name and renamed, so a file at `path` is always complete."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.exists():
-        raise UserError(f"'{path}' already exists; choose another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file({"vector": vector.contiguous().float()}, str(partial), metadata={"meta": json.dumps(meta)})
-    partial.replace(path)
-    return path
+    with atomic_file(path, new="--out") as partial:
+        save_file({"vector": vector.contiguous().float()}, str(partial), metadata={"meta": json.dumps(meta)})
+    return Path(path)
 
 
 def load_vector(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:

@@ -7,11 +7,11 @@ import html
 from dataclasses import replace
 from pathlib import Path
 
+from .atomic import PARTIAL, partial_path, write_file
 from .config import InversionConfig
 from .errors import UserError
 from .prompts import IMAGENET_PROMPTS, load_prompts
 from .registry import Registry
-from .runfolder import PARTIAL
 from .session import Processes, build_config, load_adapter, run_inversion
 
 
@@ -46,7 +46,7 @@ def run_sweep(registry: Registry, config: InversionConfig, folder: Path, classes
     adapter, done = None, []
     for class_index in mine:
         final = folder / f"c{class_index}"
-        partial = final.with_name(final.name + PARTIAL)
+        partial = partial_path(final)
         if final.is_dir():
             say(f"class {class_index}: finished earlier, skipped")
             done.append(final)
@@ -80,7 +80,4 @@ def write_index(folder: Path) -> Path:
     page = ("<!doctype html><meta charset=utf-8><title>mimic sweep</title><h1>Sweep</h1>"
             "<table border=1 cellpadding=4><tr><th>class</th><th>status</th><th>image</th></tr>"
             + "".join(rows) + "</table>")
-    tmp = folder / "index.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(folder / "index.html")
-    return folder / "index.html"
+    return write_file(folder / "index.html", page)

@@ -1,12 +1,13 @@
 """Bundled assets of the toy model made from the generator: per-concept feature statistics."""
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from mimic_toolkit.atomic import atomic_folder
 
 from . import shapes
 
@@ -21,17 +22,14 @@ def write_concept_stats(out: Path, *, images_per_concept: int = 64, seed: int = 
 
     spec = default_registry().adapter_spec("toy-shapes")
     adapter = load_adapter(spec, InversionConfig(model="toy-shapes"), "cpu")
-    partial = out.with_name(out.name + ".partial")  # the old set stays whole until the new one is
-    shutil.rmtree(partial, ignore_errors=True)
     written = []
-    for index in range(len(shapes.SHAPES) * len(shapes.COLOURS)):
-        rng = np.random.default_rng((seed, index))
-        with tempfile.TemporaryDirectory() as folder:
-            for i in range(images_per_concept):
-                pixels = shapes.render(*shapes.split_class(index), rng)
-                Image.fromarray((pixels * 255).round().astype(np.uint8)).save(Path(folder) / f"{i:03d}.png")
-            stats = compute_stats(adapter, spec.id, folder, class_index=index)
-        written.append(stats.save(partial).name)
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
+    with atomic_folder(out, replace=True) as partial:  # the old set stays whole until the new one is
+        for index in range(len(shapes.SHAPES) * len(shapes.COLOURS)):
+            rng = np.random.default_rng((seed, index))
+            with tempfile.TemporaryDirectory() as folder:
+                for i in range(images_per_concept):
+                    pixels = shapes.render(*shapes.split_class(index), rng)
+                    Image.fromarray((pixels * 255).round().astype(np.uint8)).save(Path(folder) / f"{i:03d}.png")
+                stats = compute_stats(adapter, spec.id, folder, class_index=index)
+            written.append(stats.save(partial).name)
     return [out / name for name in written]

@@ -13,7 +13,6 @@ adapter normalises them.
 import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +20,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, PreTrainedTokenizerFast)
+
+from mimic_toolkit.atomic import atomic_folder
 
 from ..llava_llama3.adapter import LlavaLlama3Adapter
 from . import shapes
@@ -229,11 +230,10 @@ def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: i
         "final_loss": {"vision": float(np.mean(vision_losses[-20:] or [math.nan])),
                        "language": float(np.mean(language_losses[-20:] or [math.nan]))},
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    adapter.model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_folder(out_dir, replace=True) as out:  # the old checkpoint stays whole until the new one is
+        adapter.model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return report
 

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mimic_toolkit.atomic import atomic_file
+
 from . import shapes
 
 WEIGHTS = Path(__file__).with_name("verifier.safetensors")
@@ -72,7 +74,8 @@ def train_verifier(out_path=WEIGHTS, *, seed: int = 0, steps: int = 1200, batch:
         if step % 100 == 0:
             print(f"verifier {step:5d} loss {loss.item():.3f}", flush=True)
     model.eval()
-    save_file(model.state_dict(), str(out_path))
+    with atomic_file(out_path) as partial:
+        save_file(model.state_dict(), str(partial))
     return accuracy(model)
 
 

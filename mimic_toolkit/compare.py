@@ -3,8 +3,6 @@ images scored by every model (a transfer matrix: what one model "sees" that anot
 A model that fails (missing checkpoint, out of memory) is reported and the others still run."""
 from __future__ import annotations
 
-import base64
-import html
 import json
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from PIL import Image, ImageDraw
 
 from .atomic import PartialFolder, refuse_existing
 from .errors import UserError
+from .htmlkit import heading, image, page, span, table
 from .registry import Registry
 from .session import Processes, build_config, concept_of, load_adapter, run_inversion
 
@@ -111,28 +110,21 @@ def _grid(results: dict) -> Image.Image:
 
 
 def _report(work: Path, rows: dict, matrix: dict) -> str:
-    grid = base64.b64encode((work / "grid.png").read_bytes()).decode()
     models = list(rows)
-    head = "".join(f"<th>scored by {html.escape(m)}</th>" for m in models)
-    body = ""
-    for source in models:
-        cells = "".join(
-            f"<td>{matrix[(source, j)]['p_target']:.3f} / {matrix[(source, j)]['names_target']:.0%}</td>"
-            if (source, j) in matrix else "<td>-</td>" for j in models)
-        body += f"<tr><th>inverted by {html.escape(source)}</th>{cells}</tr>"
-    summary = ""
+    transfer = [[f"inverted by {source}", *(
+        f"{matrix[(source, j)]['p_target']:.3f} / {matrix[(source, j)]['names_target']:.0%}"
+        if (source, j) in matrix else "-" for j in models)] for source in models]
+    summary = []
     for model, r in rows.items():
         if "error" in r:
-            summary += f"<tr><td>{html.escape(model)}</td><td colspan=4 style='color:red'>{html.escape(r['error'])}</td></tr>"
+            summary.append([model, span(r["error"], "error")])
             continue
         terms = ", ".join(f"{k} {v:.3g}" for k, v in r["terms"].items())
         peak = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else "- (CPU)"
-        summary += (f"<tr><td>{html.escape(model)}</td><td>{r['p_answer']:.3f}</td><td>{r['ms_per_step']} ms</td>"
-                    f"<td>{peak}</td><td>{html.escape(terms)} {html.escape('; '.join(r['notes']))}</td></tr>")
-    return ("<!doctype html><meta charset=utf-8><title>mimic compare</title><style>body{font-family:sans-serif}"
-            "td,th{border:1px solid #ccc;padding:4px}table{border-collapse:collapse}</style>"
-            f"<h1>mimic compare</h1><img src='data:image/png;base64,{grid}'>"
-            "<h2>Per model</h2><table><tr><th>model</th><th>P(target)</th><th>time per step</th><th>peak memory</th>"
-            f"<th>final loss terms</th></tr>{summary}</table>"
-            "<h2>Transfer: P(target) / greedy answer names the target</h2>"
-            f"<table><tr><th></th>{head}</tr>{body}</table>")
+        summary.append([model, f"{r['p_answer']:.3f}", f"{r['ms_per_step']} ms", peak,
+                        f"{terms} {'; '.join(r['notes'])}"])
+    return page("mimic compare", heading("mimic compare"), image((work / "grid.png").read_bytes(), alt="grid"),
+                heading("Per model", 2),
+                table(["model", "P(target)", "time per step", "peak memory", "final loss terms"], summary),
+                heading("Transfer: P(target) / greedy answer names the target", 2),
+                table(["", *(f"scored by {m}" for m in models)], transfer, row_headers=True))

@@ -8,8 +8,6 @@ A concepts folder (written as `<name>.partial`, renamed when complete):
 """
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import os
@@ -24,6 +22,7 @@ from .atomic import atomic_folder, refuse_existing
 from .capture import Features
 from .decompose import Decomposition, fit, purity
 from .errors import UserError
+from .htmlkit import Html, block, facts, figure, heading, image, page, paragraph, span, text
 
 FORMAT = "mimic-concepts/1"
 # Function words that say nothing about a concept (English; lower case).
@@ -196,41 +195,30 @@ def project(concepts: ConceptSet, features: Features, top: int = 3) -> list[dict
 
 
 # -- report ----------------------------------------------------------------------------------------------
-def _thumbnail(path: str, side: int = 96) -> str:
+def _thumbnail(path: str, side: int = 96) -> Html:
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((side, side))
+        with Image.open(path) as picture:
+            picture = picture.convert("RGB")
+            picture.thumbnail((side, side))
             buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
+            picture.save(buffer, format="PNG")
     except OSError:
-        return f"<span class=missing>{html.escape(Path(path).name)}</span>"
-    data = base64.b64encode(buffer.getvalue()).decode()
-    return f"<img src='data:image/png;base64,{data}' width={side} height={side}>"
+        return span(Path(path).name, "error")
+    return image(buffer.getvalue(), width=side, alt=Path(path).name)
 
 
 def _report(meta: dict, cards: list[dict]) -> str:
     metrics = meta["metrics"]
-    facts = {"model": meta["model"], "site": meta["site"], "tokens": meta["selector"], "method": meta["method"],
-             "concepts": meta["k"], "rows": meta["rows"], "features": meta["features"],
-             "word overlap (mean pairwise Jaccard)": metrics["word_overlap"],
-             **{f"purity vs {key}": value for key, value in metrics["purity"].items()}}
-    head = "<table class=kv>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-                                        for k, v in facts.items()) + "</table>"
-    body = []
+    summary = {"model": meta["model"], "site": meta["site"], "tokens": meta["selector"], "method": meta["method"],
+               "concepts": meta["k"], "rows": meta["rows"], "features": meta["features"],
+               "word overlap (mean pairwise Jaccard)": metrics["word_overlap"],
+               **{f"purity vs {key}": value for key, value in metrics["purity"].items()}}
+    sections = []
     for card in cards:
-        thumbs = "".join(f"<figure>{_thumbnail(t['image'])}<figcaption>{html.escape(str(t['id']))}<br>"
-                         f"{t['activation']:.3g}</figcaption></figure>" for t in card["top"])
-        words = ", ".join(html.escape(w) for w in card["words"]) or "<i>no words</i>"
-        body.append(f"<div class=card><h3>concept {card['concept']} <small>({card['samples']} samples)</small></h3>"
-                    f"<p class=words>{words}</p><div class=row>{thumbs}</div></div>")
+        thumbs = [figure(_thumbnail(t["image"]), Html(f"{text(t['id'])}<br>{t['activation']:.3g}")) for t in card["top"]]
+        name = Html(f"concept {card['concept']} <small>({card['samples']} samples)</small>")
+        words = ", ".join(card["words"]) or Html("<i>no words</i>")
+        sections.append(block(heading(name, 3), paragraph(words, "words"), block(*thumbs, css_class="row"),
+                              css_class="card"))
     title = f"Concepts: {meta['model']} {meta['site']} ({meta['method']}, K={meta['k']})"
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{head}{''.join(body)}</body></html>")
-
-
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
-.kv th{text-align:left;padding-right:1em;font-weight:600}.card{border:1px solid #ccc;border-radius:6px;
-padding:.5em 1em;margin:1em 0}.words{font-size:1.1em}.row{display:flex;flex-wrap:wrap;gap:.5em}
-figure{margin:0;text-align:center;font-size:.8em}img{image-rendering:pixelated;border:1px solid #ddd}
-.missing{color:#a00}"""
+    return page(title, heading(title), facts(summary), *sections)

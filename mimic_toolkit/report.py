@@ -2,10 +2,10 @@
 the P(target) table. Opens with a double click; needs no server and no internet."""
 from __future__ import annotations
 
-import base64
-import html
 import json
 from pathlib import Path
+
+from .htmlkit import Html, block, facts, figure, heading, image, page, table, text
 
 CURVE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#e377c2")
 
@@ -16,20 +16,17 @@ def write_report(folder: str | Path) -> Path:
     manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
     concept = manifest.get("concept", {})
     title = f"{manifest.get('model', '?')}: {concept.get('target', '')}"
-    parts = [f"<h1>{html.escape(title)}</h1>", _summary(manifest, rows)]
     finals = sorted((folder / "images").glob("*.png"))
-    parts.append("<h2>Final images</h2><div class=row>" + "".join(_img(p, 224) for p in finals) + "</div>")
+    parts = [heading(title), _summary(manifest, rows), heading("Final images", 2),
+             block(*(image(p.read_bytes(), width=224, alt=p.name) for p in finals), css_class="row")]
     grids = sorted((folder / "grids").glob("*.png"))
     if grids:
-        parts.append("<h2>During the run</h2>" + "".join(
-            f"<figure>{_img(p)}<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in grids))
+        parts += [heading("During the run", 2), *(figure(image(p.read_bytes(), alt=p.name), p.stem) for p in grids)]
     if rows:
-        parts.append("<h2>Loss terms (unscaled, log scale)</h2>" + _curves(rows))
-        parts.append("<h2>P(target) per token</h2>" + _p_table(rows))
-    page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+        parts += [heading("Loss terms (unscaled, log scale)", 2), _curves(rows),
+                  heading("P(target) per token", 2), _p_table(rows)]
     path = folder / "report.html"
-    path.write_text(page, encoding="utf-8")
+    path.write_text(page(title, *parts), encoding="utf-8")
     return path
 
 
@@ -57,17 +54,10 @@ def _summary(manifest: dict, rows: list[dict]) -> str:
         "versions": ", ".join(f"{k} {v}" for k, v in manifest.get("packages", {}).items()),
         "git commit": manifest.get("git_commit") or "-",
     }
-    return "<table class=kv>" + "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items.items()) + "</table>"
+    return facts(items)
 
 
-def _img(path: Path, width: int | None = None) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    style = f" width={width}" if width else ""
-    return f"<img src='data:image/png;base64,{data}'{style} alt='{html.escape(path.name)}'>"
-
-
-def _curves(rows: list[dict], width: int = 640, height: int = 240) -> str:
+def _curves(rows: list[dict], width: int = 640, height: int = 240) -> Html:
     import math
 
     names = list(rows[0]["terms"]) + ["loss"]
@@ -83,25 +73,19 @@ def _curves(rows: list[dict], width: int = 640, height: int = 240) -> str:
         colour = CURVE_COLOURS[i % len(CURVE_COLOURS)]
         points = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in zip(steps, vs) if v is not None)
         lines.append(f"<polyline fill=none stroke='{colour}' stroke-width=1.5 points='{points}'/>")
-        legend.append(f"<span style='color:{colour}'>&#9632; {html.escape(name)}</span>")
+        legend.append(f"<span style='color:{colour}'>&#9632; {text(name)}</span>")
     axis = (f"<text x=2 y=16 font-size=10>1e{hi:.1f}</text><text x=2 y={height - 20} font-size=10>1e{lo:.1f}</text>"
             f"<text x=40 y={height - 4} font-size=10>step {steps[0]}</text>"
             f"<text x={width - 80} y={height - 4} font-size=10>step {steps[-1]}</text>")
-    return (f"<svg width={width} height={height} style='border:1px solid #ccc'>{axis}{''.join(lines)}</svg>"
-            f"<div>{' '.join(legend)}</div>")
+    return Html(f"<svg width={width} height={height} style='border:1px solid #ccc'>{axis}{''.join(lines)}</svg>"
+                f"<div>{' '.join(legend)}</div>")
 
 
-def _p_table(rows: list[dict], max_rows: int = 20) -> str:
+def _p_table(rows: list[dict], max_rows: int = 20) -> Html:
+    """P(target) per token at up to `max_rows` steps; hovering a value shows that step's top-5 tokens."""
     pick = rows if len(rows) <= max_rows else [rows[round(i * (len(rows) - 1) / (max_rows - 1))] for i in range(max_rows)]
-    head = "".join(f"<th>token {i}</th>" for i in range(len(rows[0]["p_target"])))
-    body = ""
-    for r in pick:
-        cells = "".join(f"<td title='top-5: {html.escape(str(top))}'>{p:.3f}</td>"
-                        for p, top in zip(r["p_target"], r.get("top5", [[]] * len(r["p_target"]))))
-        body += f"<tr><td>{r['step']}</td>{cells}<td>{r['p_answer']:.4f}</td></tr>"
-    return f"<table class=grid><tr><th>step</th>{head}<th>P(answer)</th></tr>{body}</table>"
-
-
-_CSS = ("body{font-family:system-ui,sans-serif;margin:24px;max-width:1100px}img{image-rendering:pixelated;"
-        "margin:2px}table{border-collapse:collapse;margin:8px 0}th,td{padding:3px 8px;border:1px solid #ddd;"
-        "text-align:left;font-size:13px}figure{display:inline-block;margin:4px}figcaption{font-size:11px}")
+    header = ["step", *(f"token {i}" for i in range(len(rows[0]["p_target"]))), "P(answer)"]
+    body = [[r["step"], *(Html(f"<span title='top-5: {text(top)}'>{p:.3f}</span>")
+                          for p, top in zip(r["p_target"], r.get("top5", [[]] * len(r["p_target"])))),
+             f"{r['p_answer']:.4f}"] for r in pick]
+    return table(header, body)

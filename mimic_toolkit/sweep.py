@@ -3,13 +3,13 @@
 classes and resumes an interrupted one, so shards can be restarted (or pre-empted) at will."""
 from __future__ import annotations
 
-import html
 from dataclasses import replace
 from pathlib import Path
 
 from .atomic import PARTIAL, partial_path, write_file
 from .config import InversionConfig
 from .errors import UserError
+from .htmlkit import heading, image, link, page, table
 from .prompts import IMAGENET_PROMPTS, load_prompts
 from .registry import Registry
 from .session import Processes, build_config, load_adapter, run_inversion
@@ -72,12 +72,11 @@ def write_index(folder: Path) -> Path:
     for run in sorted(folder.glob("c*"), key=lambda p: p.name):
         name = run.name
         if name.endswith(PARTIAL):
-            rows.append(f"<tr><td>{html.escape(name[:-len(PARTIAL)])}</td><td>in progress</td><td></td></tr>")
+            rows.append([name[:-len(PARTIAL)], "in progress", ""])
             continue
         thumb = next(iter(sorted((run / "images").glob("*.png"))), None)
-        image = f"<img src='{name}/images/{thumb.name}' width=96>" if thumb else ""
-        rows.append(f"<tr><td><a href='{name}/report.html'>{html.escape(name)}</a></td><td>done</td><td>{image}</td></tr>")
-    page = ("<!doctype html><meta charset=utf-8><title>mimic sweep</title><h1>Sweep</h1>"
-            "<table border=1 cellpadding=4><tr><th>class</th><th>status</th><th>image</th></tr>"
-            + "".join(rows) + "</table>")
-    return write_file(folder / "index.html", page)
+        # linked, not embedded: the index is rewritten after every class of a sweep of hundreds
+        picture = image(f"{name}/images/{thumb.name}", width=96, alt=name) if thumb else ""
+        rows.append([link(f"{name}/report.html", name), "done", picture])
+    index = page("mimic sweep", heading("Sweep"), table(["class", "status", "image"], rows))
+    return write_file(folder / "index.html", index)

@@ -12,6 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from .cli_lm import add_commands as add_lm_commands
+from .cli_settings import with_settings
 from .config import InversionConfig
 from .errors import UserError
 from .registry import default_registry
@@ -34,8 +35,22 @@ app = typer.Typer(cls=_Commands, no_args_is_help=True, add_completion=False,
 
 
 @app.command()
-def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+           sites: Optional[str] = typer.Option(None, "--sites", metavar="MODEL",
+                                               help="List MODEL's canonical vision-tower sites instead."),
+           checkpoint: Optional[str] = typer.Option(None, help="With --sites: read the architecture from this folder.")):
     """List every model adapter: id, aliases, plugin, native resolution, default settings."""
+    if sites:
+        from .engine import describe_sites
+
+        origin, listing = describe_sites(sites, checkpoint)
+        if as_json:
+            typer.echo(json.dumps({"from": origin, "sites": listing}, indent=2))
+            return
+        typer.echo(f"{len(listing)} vision sites ({origin}); * = used by default (--feature-sites selects others):")
+        for site, default in listing.items():
+            typer.echo(f"{'*' if default else ' '} {site}")
+        return
     specs = default_registry().adapter_specs()
     rows = [{"id": s.id, "aliases": list(s.aliases), "plugin": s.plugin, "resolution": s.resolution,
              "defaults": s.defaults, "checkpoint": s.checkpoint, "tested_transformers": s.tested_transformers,
@@ -65,61 +80,10 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         typer.echo(f"{row['name']}: {', '.join(row['hooks'])}")
 
 
-def _parse_scales(pairs: list[str]) -> dict[str, float]:
-    scales = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        try:
-            scales[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise UserError(f"--scale takes NAME=VALUE, got '{pair}'")
-    return scales
-
-
 @app.command()
+@with_settings(term_flags=True)
 def invert(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Adapter id (`mimic models`)."),
-    checkpoint: Optional[str] = typer.Option(None, help="Local checkpoint folder or hub id."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision of the checkpoint."),
-    class_index: Optional[int] = typer.Option(None, help="Concept from the prompt file (default: its first)."),
-    prompts: Optional[Path] = typer.Option(None, help="Prompt file (JSON: class_index, class_name, chat_sequence)."),
-    question: Optional[str] = typer.Option(None, help="Invert this question..."),
-    answer: Optional[str] = typer.Option(None, help="...with this target answer."),
-    stats: Optional[Path] = typer.Option(None, help="Feature-statistics file (or folder of them) from `mimic stats`."),
-    objective: Optional[str] = typer.Option(None, help="Maximise a direction inside the LM instead of the answer: "
-                                            "concept:FILE:K | neuron:lm.I:J | direction:FILE."),
-    objective_positions: Optional[str] = typer.Option(None, help="Where the objective reads: last-prompt | image."),
-    iterations: Optional[int] = typer.Option(None, help="Optimisation steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Images optimised together."),
-    lr: Optional[float] = typer.Option(None, help="Initial learning rate (cosine decay)."),
-    min_lr: Optional[float] = typer.Option(None, help="Final learning rate."),
-    jitter: Optional[int] = typer.Option(None, help="Random shift in pixels (reflect-padded)."),
-    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips."),
-    seed: Optional[int] = typer.Option(None),
-    init: Optional[str] = typer.Option(None, help="noise | blank"),
-    parameterisation: Optional[str] = typer.Option(None, help="pixel (the paper's) | fourier (1/f spectrum)"),
-    resolution: Optional[int] = typer.Option(None, help="Image side (default: the model's native)."),
-    main_loss_scale: Optional[float] = typer.Option(None, help="Scale of the answer cross-entropy."),
-    feature_loss_scale: Optional[float] = typer.Option(None, help="Scale of the feature statistics (0 = off)."),
-    patch_loss_scale: Optional[float] = typer.Option(None, help="Scale of the patch-seam prior."),
-    tv_l1_loss_scale: Optional[float] = typer.Option(None, help="Scale of TV-L1."),
-    tv_l2_loss_scale: Optional[float] = typer.Option(None, help="Scale of TV-L2."),
-    l2_loss_scale: Optional[float] = typer.Option(None, help="Scale of the image L2 norm."),
-    scale: List[str] = typer.Option([], help="NAME=VALUE for any objective term, plugin terms too."),
-    feature_form: Optional[str] = typer.Option(None, help="l2 (the paper's) | kl"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
-    device_map: Optional[str] = typer.Option(None, help="auto: spread a model too large for one GPU over all GPUs."),
-    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16"),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the step."),
-    memory_saving: Optional[str] = typer.Option(
-        None, help="off | selective (recompute MLP blocks and norms in the backward pass) | layers (least memory)."),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code"),
-    outputs: Optional[Path] = typer.Option(None, help="Run folder (default runs/<model>-<class>-<time>)."),
-    log_every: Optional[int] = typer.Option(None, help="Log metrics every N steps."),
-    grid_every: Optional[int] = typer.Option(None, help="Save an image grid every N steps."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Save a resumable checkpoint every N steps."),
+    flags: dict,
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these settings."),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live panel."),
@@ -127,19 +91,6 @@ def invert(
     """Synthesise images for which the model gives the target answer (MIMIC)."""
     from .session import Interrupted, build_config, run_inversion, stop_on_ctrl_c
 
-    flags = dict(model=model, checkpoint=checkpoint, revision=revision, class_index=class_index,
-                 prompts=_str(prompts), question=question, answer=answer, stats=_str(stats),
-                 objective=objective, objective_positions=objective_positions,
-                 iterations=iterations, batch_size=batch_size, lr=lr, min_lr=min_lr, jitter=jitter, flip=flip,
-                 seed=seed, init=init, parameterisation=parameterisation, resolution=resolution, feature_form=feature_form, device=device,
-                 device_map=device_map, dtype=dtype, compile=compile, memory_saving=memory_saving,
-                 trust_remote_code=trust_remote_code, outputs=_str(outputs), log_every=log_every,
-                 grid_every=grid_every, checkpoint_every=checkpoint_every)
-    term_flags = {"main": main_loss_scale, "feature": feature_loss_scale, "patch": patch_loss_scale,
-                  "tv_l1": tv_l1_loss_scale, "tv_l2": tv_l2_loss_scale, "l2": l2_loss_scale}
-    scales = {**{k: v for k, v in term_flags.items() if v is not None}, **_parse_scales(scale)}
-    if scales:
-        flags["scales"] = scales
     registry = default_registry()
     settings = build_config(registry, flags, _str(config), _str(resume))
     from .live import LivePanel
@@ -157,19 +108,12 @@ def invert(
 
 
 @app.command()
+@with_settings("model", "checkpoint", "prompts", "stats", "iterations", "batch_size", "seed", "device")
 def sweep(
+    flags: dict,
     outputs: Path = typer.Option(..., help="The sweep folder: one run folder per class, plus index.html."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Adapter id."),
-    checkpoint: Optional[str] = typer.Option(None, help="Local checkpoint folder or hub id."),
-    prompts: Optional[Path] = typer.Option(None, help="Prompt file (default: the model's own, else ImageNet 20)."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated class indices (default: all in the file)."),
     shard: str = typer.Option("0/1", help="i/n: this process takes every n-th class starting at i."),
-    stats: Optional[Path] = typer.Option(None, help="A folder of per-class statistics (`mimic stats --class-index`)."),
-    iterations: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None),
-    scale: List[str] = typer.Option([], help="NAME=VALUE for any objective term."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any `mimic invert` setting."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
@@ -178,10 +122,6 @@ def sweep(
     from .session import Interrupted, build_config, stop_on_ctrl_c
     from .sweep import parse_shard, run_sweep
 
-    flags = dict(model=model, checkpoint=checkpoint, prompts=_str(prompts), stats=_str(stats),
-                 iterations=iterations, batch_size=batch_size, seed=seed, device=device)
-    if scale:
-        flags["scales"] = _parse_scales(scale)
     try:
         wanted = [int(c) for c in classes.split(",")] if classes else None
     except ValueError:
@@ -200,29 +140,17 @@ def sweep(
 
 
 @app.command()
+@with_settings("class_index", "prompts", "question", "answer", "iterations", "batch_size", "seed", "device")
 def compare(
+    flags: dict,
     models: str = typer.Option(..., help="Comma-separated adapter ids, e.g. llava-llama3,qwen2-vl,idefics2."),
     outputs: Path = typer.Option(..., help="The comparison folder (a run folder per model, grid, report)."),
     checkpoint: List[str] = typer.Option([], help="MODEL=PATH, once per model that needs one."),
-    class_index: Optional[int] = typer.Option(None),
-    prompts: Optional[Path] = typer.Option(None),
-    question: Optional[str] = typer.Option(None),
-    answer: Optional[str] = typer.Option(None),
-    iterations: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None),
-    scale: List[str] = typer.Option([], help="NAME=VALUE for any objective term."),
 ):
     """The same concept, seed and settings on several models, and each model's images scored by
     every model (P(target) and whether its greedy answer names the target)."""
     from .compare import run_compare
 
-    flags = {k: v for k, v in dict(class_index=class_index, prompts=_str(prompts), question=question, answer=answer,
-                                   iterations=iterations, batch_size=batch_size, seed=seed, device=device).items()
-             if v is not None}
-    if scale:
-        flags["scales"] = _parse_scales(scale)
     paths = {}
     for pair in checkpoint:
         name, sep, path = pair.partition("=")

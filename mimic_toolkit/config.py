@@ -2,7 +2,7 @@
 `--config FILE` < command-line flags. The resolved config is saved in the run folder."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -12,49 +12,71 @@ from .errors import UserError
 
 MEMORY_SAVING = ("off", "selective", "layers")
 
+# the panels of `mimic invert --help`, in their order there
+PANELS = WHAT, OPTIMISATION, OBJECTIVE, RUN = "What to invert", "Optimisation", "Objective", "Execution and outputs"
+
+
+def setting(default=MISSING, help: str = "", panel: str = RUN, *, short: str | None = None, path: bool = False,
+            flag: bool = True, default_factory=MISSING):
+    """A config field with its documentation, from which the CLI derives its option (`--field-name`,
+    booleans `--name/--no-name`): `short` adds an alias, `path` takes a path (stored as a string),
+    `flag=False` makes it a config-file setting only."""
+    return field(default=default, default_factory=default_factory,
+                 metadata={"help": help, "panel": panel, "short": short, "path": path, "flag": flag})
+
 
 @dataclass
 class InversionConfig:
-    # what to invert
-    model: str = "toy-shapes"  # the bundled model: runs anywhere, no download
-    checkpoint: str | None = None
-    revision: str | None = None
-    prompts: str | None = None  # prompt file; default: the adapter's own, else the ImageNet 20
-    class_index: int | None = None  # default: the first entry of the prompt file
-    question: str | None = None  # with answer: invert this instead of a prompt-file entry
-    answer: str | None = None
-    stats: str | None = None  # feature-statistics file (needed while the feature scale > 0)
-    objective: str | None = None  # concept:FILE:K | neuron:lm.I:J | direction:FILE (the "lm" term)
-    objective_positions: str = "last-prompt"  # where the objective reads the LM: last-prompt | image
-    # optimisation
-    iterations: int = 5000
-    batch_size: int = 4
-    lr: float = 0.3
-    min_lr: float = 1e-5
-    jitter: int = 30  # pixels of random shift (reflect-padded)
-    flip: bool = True
-    seed: int = 0
-    init: str = "noise"  # "noise" (standard normal; 0.01 on the spectrum for fourier) or "blank"
-    # "pixel": optimise the pixels (the paper's); "fourier": optimise a 1/f-scaled spectrum behind a
-    # sigmoid (lucid-style), which favours smooth, large structures over pixel-level noise
-    parameterisation: str = "pixel"
-    resolution: int | None = None  # default: the model's native resolution
-    scales: dict[str, float] = field(default_factory=dict)  # objective term -> scale (0 = off)
-    feature_form: str = "l2"  # "l2" (the paper's L_base) or "kl"
-    # execution and outputs
-    device: str = "auto"  # "auto": cuda if available, else cpu
-    device_map: str | None = None  # "auto": spread a model too large for one GPU over all visible GPUs
-    compile: bool = False  # torch.compile the step (model + objective): faster after a warm-up
-    # recompute activations in the backward pass instead of keeping them: "selective" the MLP
-    # blocks and norms (most of the memory, two of each layer's seven matmuls), "layers" whole
-    # layers (least memory, most time)
-    memory_saving: str = "off"
-    dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
-    trust_remote_code: bool = False
-    outputs: str | None = None  # run folder; default runs/<model>-<class>-<time>
-    log_every: int = 50
-    grid_every: int = 500
-    checkpoint_every: int = 500
+    """The one definition of the settings: `mimic invert` (and `sweep`, `compare`) derive their
+    options from these fields (`cli_settings.with_settings`)."""
+
+    model: str = setting("toy-shapes", "Adapter id (`mimic models`); default: the bundled toy model.", WHAT,
+                         short="-m")
+    checkpoint: str | None = setting(None, "Local checkpoint folder or hub id.", WHAT)
+    revision: str | None = setting(None, "Hub revision of the checkpoint.", WHAT)
+    prompts: str | None = setting(None, "Prompt file (JSON: class_index, class_name, chat_sequence); default: "
+                                  "the model's own, else the ImageNet 20.", WHAT, path=True)
+    class_index: int | None = setting(None, "Concept from the prompt file (default: its first).", WHAT)
+    question: str | None = setting(None, "Invert this question...", WHAT)
+    answer: str | None = setting(None, "...with this target answer.", WHAT)
+    stats: str | None = setting(None, "Feature-statistics file (or folder of them, one per class) from "
+                                "`mimic stats`; needed while the feature scale is > 0.", WHAT, path=True)
+    objective: str | None = setting(None, "Maximise a direction inside the LM instead of the answer (the lm "
+                                    "term): concept:FILE:K | neuron:lm.I:J | direction:FILE.", WHAT)
+    objective_positions: str = setting("last-prompt", "Where the objective reads: last-prompt | image.", WHAT)
+    iterations: int = setting(5000, "Optimisation steps.", OPTIMISATION)
+    batch_size: int = setting(4, "Images optimised together.", OPTIMISATION)
+    lr: float = setting(0.3, "Initial learning rate (cosine decay).", OPTIMISATION)
+    min_lr: float = setting(1e-5, "Final learning rate.", OPTIMISATION)
+    jitter: int = setting(30, "Random shift in pixels (reflect-padded).", OPTIMISATION)
+    flip: bool = setting(True, "Random horizontal flips.", OPTIMISATION)
+    seed: int = setting(0, "Random seed.", OPTIMISATION)
+    init: str = setting("noise", "noise (standard normal; 0.01 on the spectrum for fourier) | blank", OPTIMISATION)
+    parameterisation: str = setting(
+        "pixel", "pixel (optimise the pixels: the paper's) | fourier (a 1/f-scaled spectrum behind a sigmoid: "
+        "smooth, large structures rather than pixel-level noise)", OPTIMISATION)
+    resolution: int | None = setting(None, "Image side (default: the model's native).", OPTIMISATION)
+    scales: dict[str, float] = setting(help="Objective term -> scale (0 = off); on the command line --scale "
+                                       "NAME=VALUE and --TERM-loss-scale.", flag=False, default_factory=dict)
+    feature_form: str = setting("l2", "l2 (the paper's L_base) | kl (a per-channel Gaussian KL)", OBJECTIVE)
+    feature_sites: str | None = setting(
+        None, "Vision-tower sites for the feature statistics: glob patterns or index ranges over canonical names, "
+        "e.g. 'vision.layers.1[2-9].mlp,vision.patch_embedding' or 'last:8' (default: the patch embedding and "
+        "every layer's MLP).", OBJECTIVE)
+    device: str = setting("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
+    device_map: str | None = setting(None, "auto: spread a model too large for one GPU over all visible GPUs.")
+    compile: bool = setting(False, "torch.compile the step (model + objective): faster after a warm-up.")
+    memory_saving: str = setting(
+        "off", "Recompute activations in the backward pass instead of keeping them: off | selective (the MLP "
+        "blocks and norms: most of the memory, two of each layer's seven matmuls) | layers (whole layers: least "
+        "memory, most time).")
+    dtype: str = setting("auto", "auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16 | float16")
+    trust_remote_code: bool = setting(False, "Run the checkpoint's own modelling code (transformers' "
+                                      "trust_remote_code).")
+    outputs: str | None = setting(None, "Run folder (default runs/<model>-<class>-<time>).", path=True)
+    log_every: int = setting(50, "Log metrics every N steps.")
+    grid_every: int = setting(500, "Save an image grid every N steps.")
+    checkpoint_every: int = setting(500, "Save a resumable checkpoint every N steps.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,10 +156,15 @@ def resolve(layers: list[dict]) -> InversionConfig:
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "dict[str, float]": dict}
 
 
+def field_type(f) -> type:
+    """The type of a field, None aside (the annotations are strings here)."""
+    return _TYPES[f.type.replace(" | None", "")]
+
+
 def _check_types(config: InversionConfig) -> None:
     for f in fields(InversionConfig):
         value = getattr(config, f.name)
-        expected = _TYPES[f.type.replace(" | None", "")]
+        expected = field_type(f)
         if value is None and "None" in f.type:
             continue
         if expected is float and isinstance(value, int) and not isinstance(value, bool):

@@ -186,3 +186,20 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_checkpoint, in_tm
 
     state = torch.load(in_tmp / "run.partial" / "checkpoint.pt", weights_only=True)
     assert state["step"] >= 3
+
+
+def test_every_setting_is_a_documented_flag_of_invert():
+    """InversionConfig's fields are the one definition of the settings: a new one is a flag at once."""
+    from dataclasses import fields
+
+    import typer.main
+
+    from mimic_toolkit.config import InversionConfig
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["invert"].params}
+    for f in fields(InversionConfig):
+        assert f.metadata.get("help"), f"setting '{f.name}' has no help (declare it with config.setting)"
+        if f.metadata["flag"]:
+            assert f"--{f.name.replace('_', '-')}" in params[f.name].opts, f.name
+            assert params[f.name].help == f.metadata["help"]
+    assert "-m" in params["model"].opts and params["flip"].secondary_opts == ["--no-flip"]

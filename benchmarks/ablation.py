@@ -14,16 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import torch
 
 from mimic_plugins.toy_shapes import shapes, verifier
 from mimic_plugins.toy_shapes.evaluation import CHECK_QUESTIONS, answer_probability
 from mimic_toolkit.config import InversionConfig
+from mimic_toolkit.engine import format_prompt
 from mimic_toolkit.features import FeatureStats
-from mimic_toolkit.invert import ActiveTerm, Inversion
+from mimic_toolkit.inversion import build_inversion
 from mimic_toolkit.registry import default_registry
-from mimic_toolkit.session import build_config, load_adapter
+from mimic_toolkit.session import build_config, load_configured
 
 # Each row switches terms on over the previous one, as in the paper's table.
 ROWS = {
@@ -37,13 +39,11 @@ ROWS = {
 def invert_concept(adapter, config: InversionConfig, terms, index: int, curve_points=()):
     """Invert one concept; returns (final images in [0, 1], seconds per step, {step: images})."""
     registry = default_registry()
-    concept_turns = [(shapes.DEFAULT_QUESTION, "a " + shapes.class_name(index))]
-    prompt = adapter.build_prompt(concept_turns)
-    specs = registry.objective_specs()
-    active = [ActiveTerm(n, specs[n].term, config.scales.get(n, 0.0)) for n in terms]
-    stats = FeatureStats.find(registry.adapter_spec("toy-shapes").stats, "toy-shapes", index) if "feature" in terms else None
+    prompt = format_prompt(adapter, [(shapes.DEFAULT_QUESTION, "a " + shapes.class_name(index))])
+    row_config = replace(config, scales={n: (s if n in terms else 0.0) for n, s in config.scales.items()})
+    stats = FeatureStats.find(adapter.spec.stats, adapter.model_id, index) if "feature" in terms else None
     snapshots = {}
-    with Inversion(adapter, prompt, config, active, stats) as inversion:
+    with build_inversion(registry, adapter, prompt, row_config, stats) as inversion:
         started = time.perf_counter()
         while inversion.step < config.iterations:
             inversion.run_step()
@@ -107,7 +107,7 @@ def main():
         flags["scales"] = {k: float(v) for k, v in (s.split("=") for s in args.scale)}
     config = build_config(registry, flags)
     config.resolution = 64
-    adapter = load_adapter(registry.adapter_spec("toy-shapes"), config, "cpu")
+    adapter = load_configured(registry, config, "cpu")
     classifier = verifier.load_verifier()
     indices = list(range(24)) if args.concepts == "all" else [int(c) for c in args.concepts.split(",")]
     curve = sorted(int(s) for s in args.curve.split(",") if s)

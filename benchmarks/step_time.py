@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mimic_toolkit.adapter import IGNORE_INDEX, Prompt
 from mimic_toolkit.features import FeatureRecorder, FeatureStats
-from mimic_toolkit.invert import ActiveTerm, Inversion
+from mimic_toolkit.inversion import Inversion, build_inversion
 from mimic_toolkit.registry import build_registry
 from mimic_toolkit.session import build_config
 
@@ -191,10 +191,8 @@ def default_inversion(registry, model_id: str, adapter, prompt: Prompt, **settin
     """An inversion with the model's default objective at its resolution (feature statistics
     against stand-in targets), `settings` on top."""
     config = build_config(registry, dict(model=model_id, resolution=adapter.resolution, **settings))
-    term_specs = registry.objective_specs()
-    terms = [ActiveTerm(name, term_specs[name].term, scale) for name, scale in config.scales.items()]
     stats = stand_in_statistics(adapter) if config.scales.get("feature") else None
-    return Inversion(adapter, prompt, config, terms, stats)
+    return build_inversion(registry, adapter, prompt, config, stats)
 
 
 def count_one_step(adapter, inversion) -> tuple[int, int, int]:

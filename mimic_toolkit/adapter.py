@@ -44,7 +44,7 @@ class Prompt:
 
 class VLMAdapter:
     """Base class of every model adapter. Subclasses set the class attributes and implement
-    `feature_sites`, `vision_forward`, `image_token_count` and `tiny`."""
+    `patch_embedding`, `vision_layers`, `vision_forward`, `image_token_count` and `tiny`."""
 
     model_class: str = ""  # transformers class name, e.g. "LlavaForConditionalGeneration"
     model_type: str = ""  # the checkpoint config's model_type, e.g. "llava"
@@ -58,7 +58,14 @@ class VLMAdapter:
         self.model = model.eval().requires_grad_(False)  # frozen: only the image is optimised
         self.tokenizer = tokenizer
         self.spec = spec
+        self.registry = None  # the plugins it was loaded through (`engine.load_model`); None: the default
+        self.checkpoint = None  # the folder or hub id it was loaded from
         self._step_inputs = None  # (prompt, batch size, inputs) of the last `target_logits`
+
+    @property
+    def model_id(self) -> str:
+        """The id it was registered under ("" for an adapter built in code)."""
+        return self.spec.id if self.spec else ""
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
@@ -70,16 +77,8 @@ class VLMAdapter:
         import transformers
 
         _quiet_transformers()
-        local = Path(checkpoint).expanduser()
-        if local.exists():
-            if not (local / "config.json").is_file():
-                raise UserError(f"'{checkpoint}' is not a model folder (it has no config.json)")
-            source = str(local)
-        elif _looks_like_hub_id(checkpoint):
-            source = checkpoint
-        else:
-            raise UserError(f"checkpoint folder '{checkpoint}' does not exist")
-        config = _load_config(source, revision, trust_remote_code)
+        source = checkpoint_source(checkpoint)
+        config = load_config(source, revision, trust_remote_code)
         if config.model_type != cls.model_type:
             raise UserError(f"'{checkpoint}' holds a {config.model_type} model, not {cls.model_type}; "
                             "choose the matching --model")
@@ -266,17 +265,20 @@ class VLMAdapter:
         that wrap the image in tokens, or put no newline after it, override this with IMAGE_MARKER."""
         return f"{IMAGE_MARKER}\n{text}" if with_image else text
 
-    def build_prompt(self, turns: list[tuple[str, str]], target: bool = True) -> Prompt:
-        """Chat turns [(user, assistant), ...] -> Prompt. The image goes at the start of the first
-        user message; the last assistant message is the target (no end-of-turn token after it).
-        With `target=False` the last assistant message is left out: a prompt to generate from."""
-        messages = []
+    def build_prompt(self, turns: list[tuple[str, str]], target: bool = True, *, chat_template: str | None = None,
+                     system: str | None = None) -> Prompt:
+        """Chat turns [(user, assistant), ...] -> Prompt, in this adapter's chat template (or
+        `chat_template`), after a `system` message if one is given. The image goes at the start of
+        the first user message; the last assistant message is the target (no end-of-turn token
+        after it). With `target=False` the last assistant message is left out: a prompt to generate
+        from. The core asks for prompts through the `mimic_format_prompt` hook, whose default this is."""
+        messages = [{"role": "system", "content": system}] if system else []
         for i, (user, assistant) in enumerate(turns):
             messages.append({"role": "user", "content": self.user_content(user, with_image=i == 0)})
             if i < len(turns) - 1:
                 messages.append({"role": "assistant", "content": assistant})
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                                  chat_template=self.chat_template)
+                                                  chat_template=chat_template or self.chat_template)
         before, after = text.split(IMAGE_MARKER)
         encode = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # the template has BOS
         image = self.image_placeholder_ids()
@@ -351,9 +353,34 @@ class VLMAdapter:
         return out[:, len(prompt.input_ids):]
 
     # -- vision tower ----------------------------------------------------------------------
-    def feature_sites(self) -> dict[str, torch.nn.Module]:
-        """Named vision-tower modules whose outputs give the feature statistics."""
+    @property
+    def patch_embedding(self) -> torch.nn.Module:
+        """The vision tower's patch embedding (its output: before any position embedding)."""
         raise NotImplementedError
+
+    @property
+    def vision_layers(self) -> list[torch.nn.Module]:
+        """The vision tower's encoder layers, in order; each has an `mlp` and a `self_attn` (or `attn`)."""
+        raise NotImplementedError
+
+    def vision_sites(self) -> dict[str, torch.nn.Module]:
+        """Every vision-tower site under its canonical name (`mimic_toolkit.sites`), built from
+        `patch_embedding` and `vision_layers`; adapters of other layouts override this."""
+        if type(self).feature_sites is not VLMAdapter.feature_sites:
+            return self.feature_sites()  # an adapter written to the old contract names its sites itself
+        sites = {"vision.patch_embedding": self.patch_embedding}
+        for i, layer in enumerate(self.vision_layers):
+            sites[f"vision.layers.{i}"] = layer
+            sites[f"vision.layers.{i}.attn"] = layer.self_attn if hasattr(layer, "self_attn") else layer.attn
+            sites[f"vision.layers.{i}.mlp"] = layer.mlp
+        return sites
+
+    def feature_sites(self) -> dict[str, torch.nn.Module]:
+        """The default sites of the feature statistics: the patch embedding and every layer's MLP.
+        A run's own choice (`--feature-sites`) goes through the `mimic_vision_sites` hook."""
+        from .sites import select_sites
+
+        return select_sites(self.vision_sites(), None)
 
     def site_tokens(self, site: str, output, batch_size: int) -> torch.Tensor:
         """A site's output -> [B, tokens, channels]. Handles [B, T, D] and conv maps [B, D, h, w];
@@ -376,12 +403,20 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+def checkpoint_source(checkpoint: str) -> str:
+    """A local model folder (its path) or a hub id; anything else is one clear error."""
+    local = Path(checkpoint).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise UserError(f"'{checkpoint}' is not a model folder (it has no config.json)")
+        return str(local)
+    parts = checkpoint.split("/")
+    if len(parts) == 2 and all(parts) and not checkpoint.startswith((".", "~")):
+        return checkpoint
+    raise UserError(f"checkpoint folder '{checkpoint}' does not exist")
 
 
-def _load_config(source: str, revision: str | None, trust_remote_code: bool):
+def load_config(source: str, revision: str | None, trust_remote_code: bool):
     from transformers import AutoConfig
 
     try:

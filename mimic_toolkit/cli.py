@@ -16,6 +16,7 @@ from .cli_settings import with_settings
 from .config import InversionConfig
 from .errors import UserError
 from .registry import default_registry
+from .sites import SELECTION_HELP
 
 
 class _Commands(TyperGroup):
@@ -165,26 +166,23 @@ def compare(
 @app.command()
 def stats(
     images: Path = typer.Option(..., help="Folder of real images of the concept (searched recursively)."),
-    model: str = typer.Option(InversionConfig.model, "--model", "-m", help="Adapter id."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Adapter id (default: the bundled toy model)."),
     checkpoint: Optional[str] = typer.Option(None, help="Local checkpoint folder or hub id."),
     revision: Optional[str] = typer.Option(None),
     out: Path = typer.Option(Path("stats"), help="Folder for the statistics file."),
     class_index: Optional[int] = typer.Option(None, help="Record the concept, so `--stats FOLDER` finds it."),
+    feature_sites: Optional[str] = typer.Option(None, help=f"Vision-tower sites: {SELECTION_HELP}."),
     batch_size: int = typer.Option(32),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
 ):
     """Compute target feature statistics from a folder of images (runs only the vision tower)."""
-    from .config import resolve
+    from .engine import load_model
     from .features import compute_stats
-    from .session import Processes, load_adapter
 
-    registry = default_registry()
-    spec = registry.adapter_spec(model)
-    settings = resolve([dict(model=spec.id, checkpoint=checkpoint, revision=revision, device=device, dtype=dtype)])
-    adapter = load_adapter(spec, settings, Processes(device).device)
-    result = compute_stats(adapter, spec.id, images, batch_size=batch_size, class_index=class_index,
-                           on_skip=lambda message: typer.echo(message, err=True))
+    adapter = load_model(model, checkpoint=checkpoint, revision=revision, device=device, dtype=dtype)
+    result = compute_stats(adapter, adapter.model_id, images, batch_size=batch_size, class_index=class_index,
+                           feature_sites=feature_sites, on_skip=lambda message: typer.echo(message, err=True))
     path = result.save(out)
     typer.echo(f"{result.meta['image_count']} images, {len(result.sites)} sites -> {path}")
 

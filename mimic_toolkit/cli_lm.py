@@ -9,12 +9,11 @@ from typing import Optional
 import typer
 
 from .atomic import write_file
-from .config import InversionConfig
 
 concepts_app = typer.Typer(no_args_is_help=True, help="Concept dictionaries of captured hidden states.")
 steer_app = typer.Typer(no_args_is_help=True, help="Steering vectors: build one, answer with it.")
 
-MODEL = typer.Option(InversionConfig.model, "--model", "-m", help="Adapter id (`mimic models`).")
+MODEL = typer.Option(None, "--model", "-m", help="Adapter id (`mimic models`; default: the bundled toy model).")
 CHECKPOINT = typer.Option(None, help="Local checkpoint folder or hub id.")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N")
 DTYPE = typer.Option("auto", help="auto | float32 | bfloat16 | float16")
@@ -23,18 +22,14 @@ DATASET = typer.Option(None, help="JSON lines of {image, question?, id?, labels?
 QUESTION = typer.Option(None, help="The question for every image (default: 'Describe the image.').")
 
 
-def _load(model: str, checkpoint: Optional[str], revision: Optional[str], device: str, dtype: str):
+def _load(model: Optional[str], checkpoint: Optional[str], revision: Optional[str], device: str, dtype: str):
     """(adapter id, checkpoint as recorded, adapter)."""
-    from .config import resolve
-    from .registry import default_registry
-    from .session import Processes, load_adapter
+    from .engine import load_model
 
-    spec = default_registry().adapter_spec(model)
-    settings = resolve([dict(model=spec.id, checkpoint=checkpoint, revision=revision, device=device, dtype=dtype)])
-    adapter = load_adapter(spec, settings, Processes(device).device)
-    source = settings.checkpoint or spec.checkpoint
+    adapter = load_model(model, checkpoint=checkpoint, revision=revision, device=device, dtype=dtype)
+    source = checkpoint or adapter.spec.checkpoint
     local = Path(source).expanduser()
-    return spec.id, str(local.resolve()) if local.exists() else source, adapter
+    return adapter.model_id, str(local.resolve()) if local.exists() else source, adapter
 
 
 def _slug(text: str) -> str:
@@ -42,7 +37,7 @@ def _slug(text: str) -> str:
 
 
 def capture(
-    model: str = MODEL, checkpoint: Optional[str] = CHECKPOINT, revision: Optional[str] = typer.Option(None),
+    model: Optional[str] = MODEL, checkpoint: Optional[str] = CHECKPOINT, revision: Optional[str] = typer.Option(None),
     images: Optional[Path] = IMAGES, dataset: Optional[Path] = DATASET, question: Optional[str] = QUESTION,
     site: str = typer.Option(..., help="LM site: lm.I (residual after layer I), lm.I.attn, lm.I.mlp, lm.final_norm."),
     tokens: str = typer.Option(..., help="all | image | prompt | last-prompt | generated | word:WORD[,WORD...]"),
@@ -53,7 +48,7 @@ def capture(
     device: str = DEVICE, dtype: str = DTYPE,
 ):
     """Store the hidden states of one LM site at the selected token positions (safetensors + index)."""
-    from .capture import Selector, capture as run_capture, load_samples
+    from .lm_capture import Selector, capture as run_capture, load_samples
 
     selector = Selector.parse(tokens)
     samples = load_samples(images, dataset, question)
@@ -82,7 +77,7 @@ def concepts_fit(
     device: str = DEVICE,
 ):
     """Decompose captured hidden states into K concepts, grounded in words and images; writes report.html."""
-    from .capture import Features
+    from .lm_capture import Features
     from .concepts import fit_concepts
 
     data = Features.load(features)
@@ -110,7 +105,7 @@ def concepts_project(
     out: Optional[Path] = typer.Option(None, help="Write every sample's activations as JSON lines."),
 ):
     """The concepts of new samples."""
-    from .capture import Features
+    from .lm_capture import Features
     from .concepts import ConceptSet, project
 
     rows = project(ConceptSet.load(concepts), Features.load(features), top)
@@ -128,7 +123,7 @@ def steer_build(
     out: Path = typer.Option(..., help="Vector file to write (.safetensors)."),
 ):
     """v = mean(target) - mean(base) at the features' site."""
-    from .capture import Features
+    from .lm_capture import Features
     from .steer import build_vector, save_vector
 
     vector, meta = build_vector(Features.load(base), Features.load(target))
@@ -139,7 +134,7 @@ def steer_build(
 
 @steer_app.command("apply")
 def steer_apply(
-    model: str = MODEL, checkpoint: Optional[str] = CHECKPOINT, revision: Optional[str] = typer.Option(None),
+    model: Optional[str] = MODEL, checkpoint: Optional[str] = CHECKPOINT, revision: Optional[str] = typer.Option(None),
     vector: Path = typer.Option(..., help="Vector file from `mimic steer build`."),
     site: Optional[str] = typer.Option(None, help="LM site to steer (default: the vector's own)."),
     alpha: float = typer.Option(1.0, help="Multiple of the vector added."),
@@ -150,7 +145,7 @@ def steer_apply(
     device: str = DEVICE, dtype: str = DTYPE,
 ):
     """Answer with and without the steering vector; show the answers side by side."""
-    from .capture import load_samples
+    from .lm_capture import load_samples
     from .lm import PositionPolicy
     from .lm_objective import check_model
     from .steer import load_vector, steer_answers
@@ -188,7 +183,7 @@ def shift(
     device: str = DEVICE,
 ):
     """Per-concept shift vectors between an original and a fine-tuned model, matched to the fine-tuned concepts."""
-    from .capture import Features
+    from .lm_capture import Features
     from .shift import shift_analysis
 
     before, after = Features.load(original), Features.load(finetuned)

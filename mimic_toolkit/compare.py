@@ -13,7 +13,8 @@ from .atomic import PartialFolder, refuse_existing
 from .errors import UserError
 from .htmlkit import heading, image, page, span, table
 from .registry import Registry
-from .session import Processes, build_config, concept_of, load_adapter, run_inversion
+from .engine import format_prompt
+from .session import Processes, build_config, concept_of, load_configured, run_inversion
 
 THUMB = 128
 
@@ -64,10 +65,10 @@ def _transfer_matrix(registry, results, flags) -> dict:
     for judge, result in done.items():
         config = result["config"]
         spec = registry.adapter_spec(judge)
-        adapter = load_adapter(spec, config, Processes(config.device).device)
+        adapter = load_configured(registry, config, Processes(config.device).device)
         adapter.use_resolution(config.resolution)
         turns = list(concept_of(config, spec).chat_sequence)
-        prompt, question = adapter.build_prompt(turns), adapter.build_prompt(turns, target=False)
+        prompt, question = format_prompt(adapter, turns), format_prompt(adapter, turns, target=False)
         target = turns[-1][1].lower()
         for source, other in done.items():
             pictures = [Image.open(p) for p in sorted((other["run"] / "images").glob("*.png"))]

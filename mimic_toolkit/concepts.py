@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_folder, refuse_existing
-from .capture import Features
+from .lm_capture import Features
 from .decompose import Decomposition, fit, purity
 from .errors import UserError
 from .htmlkit import Html, block, facts, figure, heading, image, page, paragraph, span, text

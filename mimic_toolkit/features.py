@@ -21,11 +21,12 @@ FORMAT = "mimic-feature-stats/1"
 
 
 class FeatureRecorder(SiteHooks):
-    """Forward hooks on the adapter's feature sites; after a forward pass `stats[site]` holds
-    (mean [B, D], var [B, D]) over each image's tokens, in fp32, still attached to the graph."""
+    """Forward hooks on vision sites (default: the adapter's default feature sites); after a forward
+    pass `stats[site]` holds (mean [B, D], var [B, D]) over each image's tokens, in fp32, still
+    attached to the graph."""
 
-    def __init__(self, adapter: VLMAdapter, batch_size: int):
-        super().__init__(adapter.feature_sites())
+    def __init__(self, adapter: VLMAdapter, batch_size: int, sites: dict | None = None):
+        super().__init__(adapter.feature_sites() if sites is None else sites)
         self.adapter, self.batch_size = adapter, batch_size
         self.stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -115,23 +116,27 @@ class FeatureStats:
         raise UserError(f"statistics folder '{source}' has no file for model '{model_id}' and "
                         f"class index {class_index} (make one with `mimic stats --class-index {class_index}`)")
 
-    def check_matches(self, adapter: VLMAdapter, model_id: str, resolution: int, source: str = "") -> None:
-        """Refuse statistics of another model, other sites or another resolution, naming the field."""
+    def check_matches(self, adapter: VLMAdapter, model_id: str, resolution: int, source: str = "",
+                      sites: dict | None = None) -> None:
+        """Refuse statistics of another model, without the run's `sites` (default: the adapter's
+        default feature sites) or of another resolution, naming the field. A file may hold more
+        sites than the run matches: statistics of every layer serve any selection of them."""
         where = f"statistics file {source}" if source else "the statistics"
         if self.meta["model"] != model_id:
             raise UserError(f"{where} were computed for model '{self.meta['model']}', not '{model_id}'")
-        sites = list(adapter.feature_sites())
-        if self.sites != sites:
-            missing = [s for s in sites if s not in self.mean][:3]
-            extra = [s for s in self.sites if s not in sites][:3]
-            raise UserError(f"{where} have other feature sites than the model "
-                            f"(missing: {', '.join(missing) or '-'}; not in the model: {', '.join(extra) or '-'})")
+        sites = adapter.feature_sites() if sites is None else sites
+        missing = [s for s in sites if s not in self.mean]
+        if missing:
+            made_with = self.meta.get("feature_sites") or ", ".join(self.sites[:3]) + ", ..."
+            raise UserError(f"{where} lack {len(missing)} of the run's feature sites ({', '.join(missing[:3])}"
+                            f"{', ...' if len(missing) > 3 else ''}); they were made with sites '{made_with}' "
+                            "(make statistics with the same --feature-sites)")
         if int(self.meta["resolution"]) != resolution:
             raise UserError(f"{where} were computed at resolution {self.meta['resolution']}, this run uses {resolution}")
         revision = adapter_revision(adapter)
         if self.meta.get("revision") and revision and self.meta["revision"] != revision:
             raise UserError(f"{where} were computed on model revision {self.meta['revision']}, this checkpoint is {revision}")
-        with torch.no_grad(), FeatureRecorder(adapter, 1) as recorder:
+        with torch.no_grad(), FeatureRecorder(adapter, 1, sites) as recorder:
             # a dim grey: exactly 0 after normalisation would read as padding to some models
             grey = torch.full((1, 3, resolution, resolution), 0.25, device=adapter.device)
             adapter.vision_forward(adapter.normalise(grey))
@@ -163,9 +168,14 @@ def find_images(folder: str | os.PathLike) -> list[Path]:
 
 def compute_stats(adapter: VLMAdapter, model_id: str, folder: str | os.PathLike, *,
                   resolution: int | None = None, batch_size: int = 32, class_index: int | None = None,
-                  on_skip=print) -> FeatureStats:
-    """Targets from real images: only the vision tower runs; per-image token statistics are
+                  feature_sites: str | None = None, on_skip=print) -> FeatureStats:
+    """Targets from real images at the sites `feature_sites` selects (`--feature-sites`; through
+    the `mimic_vision_sites` hook): only the vision tower runs; per-image token statistics are
     averaged over images (accumulated in fp64). Unreadable images are skipped and reported."""
+    from .engine import vision_sites
+    from .sites import DEFAULT_FEATURE_SITES
+
+    sites = vision_sites(adapter, feature_sites)
     files = find_images(folder)
     side = resolution or adapter.resolution
     sums: dict[str, list[torch.Tensor]] = {}
@@ -180,7 +190,7 @@ def compute_stats(adapter: VLMAdapter, model_id: str, folder: str | os.PathLike,
                 on_skip(f"skipped unreadable image {path}: {type(exc).__name__}")
         if not images:
             continue
-        with torch.no_grad(), FeatureRecorder(adapter, len(images)) as recorder:
+        with torch.no_grad(), FeatureRecorder(adapter, len(images), sites) as recorder:
             adapter.vision_forward(adapter.preprocess(images, side))
         for site, (mean, var) in recorder.stats.items():
             acc = sums.setdefault(site, [0, 0])
@@ -191,7 +201,8 @@ def compute_stats(adapter: VLMAdapter, model_id: str, folder: str | os.PathLike,
         raise UserError(f"no readable images in '{folder}'")
     listing = "\n".join(str(p.relative_to(folder)) for p in files)
     meta = {"format": FORMAT, "model": model_id, "revision": adapter_revision(adapter),
-            "sites": json.dumps(list(sums)), "resolution": str(side), "image_count": str(used),
+            "sites": json.dumps(list(sums)), "feature_sites": feature_sites or DEFAULT_FEATURE_SITES,
+            "resolution": str(side), "image_count": str(used),
             "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
     if class_index is not None:
         meta["class_index"] = str(class_index)

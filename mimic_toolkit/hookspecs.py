@@ -1,8 +1,14 @@
 """The hooks a plugin implements. A plugin is a module with `@hookimpl` functions plus an entry
 point in the `mimic_toolkit` group; the built-in adapters under `plugins/` use exactly this path.
 
-Each hook receives a `register` callable and calls it once per thing it provides. Records are
-plain frozen dataclasses (`AdapterSpec`, `ObjectiveSpec`) so listing never imports torch.
+Two kinds of hook:
+- registration (`register_adapters`, `register_objectives`, `register_commands`): each plugin's
+  implementation is called once and calls `register` once per thing it provides. Records are plain
+  frozen dataclasses (`AdapterSpec`, `ObjectiveSpec`), so listing never imports torch.
+- the engine's questions (`mimic_load_model`, `mimic_vision_sites`, `mimic_format_prompt`): asked
+  whenever the core needs the answer, they stop at the first non-None result. The core's own
+  answer (`mimic_toolkit/builtin.py`) is an implementation like any other, marked `trylast`, so a
+  plugin's answer comes first; a plugin returns None for the models it leaves alone.
 """
 import pluggy
 
@@ -41,7 +47,7 @@ def register_adapters(register):
 def register_objectives(register):
     """Register extra objective terms by calling `register(ObjectiveSpec(...))`.
 
-    A term is a function `(ctx: StepContext) -> scalar tensor` (see `mimic_toolkit.objectives`);
+    A term is a function `(ctx: StepContext) -> scalar tensor` (`mimic_toolkit.terms.StepContext`);
     its scale is set with `--scale NAME=VALUE` or `scales: {NAME: VALUE}` in a config file, and
     it is off while its scale is 0. Example::
 
@@ -71,4 +77,87 @@ def register_commands(cli):
             def hello(name: str = "world"):
                 "Say hello."
                 typer.echo(f"hello {name}")
+    """
+
+
+@hookspec(firstresult=True)
+def mimic_load_model(spec, source, options):
+    """Load model `spec` from `source` and return its adapter, or None to leave it to the next
+    implementation. Stops at the first non-None result.
+
+    :param AdapterSpec spec: the model asked for (`spec.id`; `spec.load_class()`: its adapter class).
+    :param str source: a local checkpoint folder or a hub id (the user's `--checkpoint`, else the
+        model's own).
+    :param LoadOptions options: dtype, device, device_map, revision, trust_remote_code.
+    :return: a `VLMAdapter` with frozen weights on `options.device` (or placed by the device map).
+        The core's default: `spec.load_class().load(source, **options.as_kwargs(), spec=spec)`.
+
+    A plugin takes over loading (a quantised or offloaded load, a model cache, another backend)
+    without subclassing the adapter. Example: LLaVA-Llama-3 loaded in 4 bits::
+
+        from mimic_toolkit import hookimpl
+
+        @hookimpl
+        def mimic_load_model(spec, source, options):
+            if spec.id != "llava-llama3":
+                return None
+            import transformers
+
+            adapter_class = spec.load_class()
+            model = transformers.LlavaForConditionalGeneration.from_pretrained(
+                source, quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True),
+                device_map="auto")
+            return adapter_class(model, adapter_class.load_tokenizer(source), spec=spec)
+    """
+
+
+@hookspec(firstresult=True)
+def mimic_vision_sites(adapter, selection):
+    """Which vision-tower modules feed the feature statistics, or None to leave it to the next
+    implementation. Stops at the first non-None result.
+
+    :param VLMAdapter adapter: the loaded model; `adapter.vision_sites()` maps every canonical site
+        name (`vision.patch_embedding`, `vision.layers.{i}`, `vision.layers.{i}.attn`,
+        `vision.layers.{i}.mlp`) to its module.
+    :param str|None selection: the run's `feature_sites` setting (`--feature-sites`); None: the default.
+    :return: {canonical name: module} in forward order. The core's default filters the adapter's
+        sites by the selection (`mimic_toolkit.sites.select_sites`: globs, index ranges, `last:N`).
+
+    Example: on Qwen2-VL, match every fourth block's MLP unless the user chose sites::
+
+        from mimic_toolkit import hookimpl
+
+        @hookimpl
+        def mimic_vision_sites(adapter, selection):
+            if adapter.model_id != "qwen2-vl" or selection is not None:
+                return None
+            return {name: module for name, module in adapter.vision_sites().items()
+                    if name.endswith(".mlp") and int(name.split(".")[2]) % 4 == 3}
+    """
+
+
+@hookspec(firstresult=True)
+def mimic_format_prompt(adapter, turns, target):
+    """Turn chat turns into the model's tokenised prompt, or None to leave it to the next
+    implementation. Stops at the first non-None result.
+
+    :param VLMAdapter adapter: the loaded model (`adapter.model_id`, `adapter.tokenizer`).
+    :param list[tuple[str, str]] turns: [(user, assistant), ...]; the image goes at the start of the
+        first user message, and the last assistant message is the target.
+    :param bool target: False: leave the last assistant message out (a prompt to generate from).
+    :return: a `Prompt`. The core's default is `adapter.build_prompt(turns, target)`, the adapter's
+        own chat template; `build_prompt` also takes `chat_template=` and `system=`, so a plugin
+        changes the format of a model family without subclassing its adapter.
+
+    Example: LLaVA-1.5's Vicuna format on the LLaVA adapter (`examples/adapter-plugin`)::
+
+        from mimic_toolkit import hookimpl
+
+        VICUNA = ("{{ bos_token }}{% for message in messages %}{{ message['role'] | upper }}: "
+                  "{{ message['content'] }} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+        @hookimpl
+        def mimic_format_prompt(adapter, turns, target):
+            if adapter.model_id == "llava-1.5-7b":
+                return adapter.build_prompt(turns, target, chat_template=VICUNA)
     """

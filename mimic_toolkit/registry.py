@@ -24,46 +24,74 @@ ENTRY_POINT_GROUP = "mimic_toolkit"
 class Registry:
     def __init__(self, manager: pluggy.PluginManager):
         self.manager = manager
+        self._warned: set[tuple[str, str]] = set()  # name clashes already reported
+        self._contested: dict[str, tuple[AdapterSpec, AdapterSpec]] = {}  # claimed by two add-on plugins
 
     # -- plugins -----------------------------------------------------------------------------
     def plugins(self) -> list[tuple[str, list[str]]]:
-        """(plugin name, hooks it implements) for every loaded plugin."""
+        """(plugin name, hooks it implements) for every loaded plugin, built-ins first; a hook
+        the plugin answers only as the last resort (`trylast`: the core's defaults) says "(default)"."""
         rows = []
         for plugin in self.manager.get_plugins():
             name = self.manager.get_name(plugin)
-            hooks = sorted(caller.name for caller in self.manager.get_hookcallers(plugin) or [])
-            rows.append((name, hooks))
-        return sorted(rows)
+            hooks = []
+            for caller in self.manager.get_hookcallers(plugin) or []:
+                impl = next(i for i in caller.get_hookimpls() if i.plugin is plugin)
+                hooks.append(caller.name + (" (default)" if impl.trylast else ""))
+            rows.append((name, sorted(hooks)))
+        return sorted(rows, key=lambda row: (not self.is_builtin(row[0]), row[0]))
 
     def _collect(self, hook_name: str) -> list:
-        """Call one registration hook per plugin, tagging each record with its plugin's name."""
+        """Call a registration hook through pluggy, one plugin at a time so that each record is
+        tagged with its plugin's name; the order is pluggy's call order (tryfirst, then the rest,
+        the built-ins last), so listings are stable."""
+        caller = getattr(self.manager.hook, hook_name)
+        plugins = [impl.plugin for impl in reversed(caller.get_hookimpls()) if not impl.hookwrapper]
         records = []
-        for plugin in self.manager.get_plugins():
-            impl = getattr(plugin, hook_name, None)
-            if impl is None:
-                continue
+        for plugin in plugins:
             found = []
-            impl(register=found.append)
+            others = [p for p in plugins if p is not plugin]
+            self.manager.subset_hook_caller(hook_name, remove_plugins=others)(register=found.append)
             records += [replace(r, plugin=self.manager.get_name(plugin)) for r in found]
         return records
 
     # -- adapters -----------------------------------------------------------------------------
     def adapter_specs(self) -> dict[str, AdapterSpec]:
+        """Every registered model, built-ins first. A plugin may add models but never silently
+        replace one: a built-in's name stays the built-in's, and a name two add-on plugins claim is
+        refused when used (`adapter_spec`). Each clash is one warning line naming both plugins, and
+        every other model stays usable."""
+        records = sorted(self._collect("register_adapters"), key=lambda s: not self.is_builtin(s.plugin))
         specs: dict[str, AdapterSpec] = {}
         names: dict[str, AdapterSpec] = {}  # id or alias -> spec, to catch clashes
-        for spec in self._collect("register_adapters"):
-            for name in (spec.id, *spec.aliases):
-                if name in names:
-                    other = names[name]
-                    raise UserError(
-                        f"model name '{name}' is provided by two plugins: "
-                        f"'{other.plugin}' ({other.id}) and '{spec.plugin}' ({spec.id})")
-                names[name] = spec
-            specs[spec.id] = spec
+        for spec in records:
+            clash = next((n for n in (spec.id, *spec.aliases) if n in names), None)
+            if clash is None:
+                names.update(dict.fromkeys((spec.id, *spec.aliases), spec))
+                specs[spec.id] = spec
+                continue
+            other = names[clash]
+            if not self.is_builtin(other.plugin):
+                self._contested[clash] = (other, spec)
+            if (spec.plugin, clash) not in self._warned:
+                self._warned.add((spec.plugin, clash))
+                kept = "the built-in is kept" if self.is_builtin(other.plugin) else \
+                    f"--model {clash} is refused until one of them is uninstalled"
+                print(f"warning: plugins '{other.plugin}' and '{spec.plugin}' both register model name '{clash}'; "
+                      f"{kept} (`mimic_load_model` is the way to change how a model loads)", file=sys.stderr)
         return specs
+
+    def is_builtin(self, plugin_name: str) -> bool:
+        """The core and the plugins shipped in this package (entry points into `mimic_plugins`)."""
+        plugin = self.manager.get_plugin(plugin_name)
+        return plugin_name == "core" or getattr(plugin, "__name__", "").startswith("mimic_plugins.")
 
     def adapter_spec(self, name: str) -> AdapterSpec:
         specs = self.adapter_specs()
+        if name in self._contested:
+            first, second = self._contested[name]
+            raise UserError(f"model name '{name}' is provided by two plugins: '{first.plugin}' ({first.id}) "
+                            f"and '{second.plugin}' ({second.id}); uninstall one of them")
         for spec in specs.values():
             if name == spec.id or name in spec.aliases:
                 return spec
@@ -71,6 +99,14 @@ class Registry:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known models: {', '.join(sorted(specs))}"
         raise UserError(f"unknown model '{name}'{hint} (`mimic models` lists them)")
+
+    def default_model(self) -> AdapterSpec:
+        """The model commands use when none is named: the first that says `default=True`
+        (built-ins come first)."""
+        found = next((spec for spec in self.adapter_specs().values() if spec.default), None)
+        if found is None:
+            raise UserError("no model is marked as the default: name one with --model (`mimic models` lists them)")
+        return found
 
     # -- objectives ---------------------------------------------------------------------------
     def objective_specs(self) -> dict[str, ObjectiveSpec]:

@@ -10,12 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from .config import InversionConfig, normalise_keys, read_config_file, resolve
+from .engine import format_prompt, load_model, resolve_device, vision_sites
 from .errors import UserError
 from .features import FeatureStats
-from .invert import ActiveTerm, Inversion
+from .inversion import build_inversion
 from .lm_objective import parse_objective
 from .prompts import IMAGENET_PROMPTS, direct, load_prompts, select
 from .registry import Registry
@@ -50,7 +49,7 @@ def build_config(registry: Registry, flags: dict, config_file: str | None = None
                 raise UserError(f"--resume: run '{resume}' was made with {key}={stored[key]!r}, "
                                 f"not {value!r}; start a new run to change it")
         return resolve([stored, {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}])
-    spec = registry.adapter_spec(given.get("model") or InversionConfig.model)
+    spec = registry.adapter_spec(given["model"]) if given.get("model") else registry.default_model()
     terms = registry.objective_specs()
     term_layer = {"scales": {name: t.default_scale for name, t in terms.items()}}
     model_layer = normalise_keys(spec.defaults, f"defaults of adapter '{spec.id}'")
@@ -62,17 +61,11 @@ def build_config(registry: Registry, flags: dict, config_file: str | None = None
     return config
 
 
-def load_adapter(spec: AdapterSpec, config: InversionConfig, device: str):
-    checkpoint = config.checkpoint or spec.checkpoint
-    if not checkpoint:
-        raise UserError(f"model '{spec.id}' needs --checkpoint PATH (a local folder or a hub id)")
-    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype)
-    if dtype is None:
-        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not '{config.dtype}'")
-    cls = spec.load_class()
-    return cls.load(checkpoint, dtype=dtype, device=device, device_map=config.device_map, revision=config.revision,
-                    trust_remote_code=config.trust_remote_code, spec=spec)
+def load_configured(registry: Registry, config: InversionConfig, device: str | None = None):
+    """The model a run's settings name, loaded through `load_model` (on `device`, else the config's)."""
+    return load_model(config.model, checkpoint=config.checkpoint, device=device or config.device, dtype=config.dtype,
+                      device_map=config.device_map, revision=config.revision,
+                      trust_remote_code=config.trust_remote_code, registry=registry)
 
 
 def concept_of(config: InversionConfig, spec: AdapterSpec):
@@ -95,8 +88,7 @@ class Processes:
                                                        str(self.state.device))
         else:
             self.rank, self.world_size = 0, 1
-            auto = "cuda" if torch.cuda.is_available() else "cpu"
-            self.device = auto if device_option == "auto" else device_option
+            self.device = resolve_device(device_option)
 
     def wait(self):
         if self.state:
@@ -128,20 +120,19 @@ def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | 
         if procs.rank == 0 and (run.final.exists() or run.path.exists()):
             run.create()  # raises the right message before the model is loaded
 
-    adapter = adapter or load_adapter(spec, config, procs.device)
+    adapter = adapter or load_configured(registry, config, procs.device)
     config.resolution = config.resolution or adapter.resolution
     if config.resolution % adapter.patch_size:
         raise UserError(f"resolution {config.resolution} is not a multiple of the patch size "
                         f"{adapter.patch_size} of '{spec.id}'")
     adapter.use_resolution(config.resolution)
     if stats is not None:
-        stats.check_matches(adapter, spec.id, config.resolution, config.stats or spec.stats or "")
-    prompt = adapter.build_prompt(list(concept.chat_sequence))
-    term_specs = registry.objective_specs()
-    terms = [ActiveTerm(name, term_specs[name].term, scale) for name, scale in config.scales.items()]
+        stats.check_matches(adapter, spec.id, config.resolution, config.stats or spec.stats or "",
+                            sites=vision_sites(adapter, config.feature_sites))
+    prompt = format_prompt(adapter, concept.chat_sequence)
     lm_objective = parse_objective(config.objective, adapter, spec.id, prompt, config.objective_positions) \
         if config.objective else None
-    inversion = Inversion(adapter, prompt, config, terms, stats, rank=procs.rank, lm_objective=lm_objective)
+    inversion = build_inversion(registry, adapter, prompt, config, stats, rank=procs.rank, lm_objective=lm_objective)
 
     if resume:
         state = run.load_checkpoint()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .capture import Features
+from .lm_capture import Features
 from .concepts import ground_words, whole_word_tokens
 from .decompose import fit, hungarian
 from .errors import UserError

@@ -20,6 +20,8 @@ class AdapterSpec:
     prompts: the model's own default prompt file (else the bundled ImageNet prompts).
     stats: default feature statistics: a file, or a folder of per-concept files.
     tested_transformers: the transformers versions this adapter was tested with.
+    default: the model commands use when none is named (the bundled toy model says so; a
+        plugin's claim counts only when no built-in makes one).
     """
 
     id: str
@@ -32,11 +34,28 @@ class AdapterSpec:
     prompts: str | None = None
     stats: str | None = None
     tested_transformers: str = ""
+    default: bool = False
     plugin: str = ""  # filled in by the registry: the plugin that registered it
 
     def load_class(self):
         module, _, name = self.adapter.partition(":")
         return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How `mimic_load_model` is asked to load: dtype (a torch.dtype), device ("cpu", "cuda:0";
+    ignored under a device_map), device_map (None or "auto": accelerate places the layers),
+    revision (of a hub checkpoint), trust_remote_code."""
+
+    dtype: Any
+    device: str = "cpu"
+    device_map: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)

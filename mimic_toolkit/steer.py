@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 from .atomic import atomic_file
-from .capture import Features, Sample, by_question, open_images, until_end
+from .lm_capture import Features, Sample, by_question, open_images, until_end
+from .engine import format_prompt
 from .errors import UserError
 from .lm import PositionPolicy, Steering
 
@@ -59,7 +60,7 @@ def steer_answers(adapter, samples: list[Sample], site: str, vector: torch.Tenso
     rows = []
     decode = lambda ids: adapter.tokenizer.decode(until_end(adapter, ids), skip_special_tokens=True).strip()
     for question, group in by_question(samples):
-        prompt = adapter.build_prompt([(question, "")], target=False)
+        prompt = format_prompt(adapter, [(question, "")], target=False)
         for start in range(0, len(group), batch_size):
             batch = group[start:start + batch_size]
             pixels = adapter.preprocess(open_images(batch))

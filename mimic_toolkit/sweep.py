@@ -12,7 +12,7 @@ from .errors import UserError
 from .htmlkit import heading, image, link, page, table
 from .prompts import IMAGENET_PROMPTS, load_prompts
 from .registry import Registry
-from .session import Processes, build_config, load_adapter, run_inversion
+from .session import Processes, build_config, load_configured, run_inversion
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -51,7 +51,7 @@ def run_sweep(registry: Registry, config: InversionConfig, folder: Path, classes
             say(f"class {class_index}: finished earlier, skipped")
             done.append(final)
             continue
-        adapter = adapter or load_adapter(spec, config, Processes(config.device).device)
+        adapter = adapter or load_configured(registry, config, Processes(config.device).device)
         settings = replace(config, class_index=class_index, prompts=prompts, outputs=str(final), scales=dict(config.scales))
         resume = str(partial) if (partial / "checkpoint.pt").is_file() else None
         if partial.is_dir() and not resume:

@@ -43,12 +43,13 @@ def words_of(*texts: str) -> list[str]:
 
 def check_adapter(adapter: VLMAdapter, batch_size: int = 2) -> None:
     """The adapter contract, checked on a (tiny) model. Raises AssertionError on a violation."""
+    from .engine import format_prompt
     from .features import FeatureRecorder
 
     side = adapter.resolution
     assert side % adapter.patch_size == 0, "resolution must be a multiple of the patch size"
     torch.manual_seed(0)
-    prompt = adapter.build_prompt([("What is in the image?", "a red circle")])
+    prompt = format_prompt(adapter, [("What is in the image?", "a red circle")])
 
     # image tokens: as many as the model expects, where the prompt says they are
     n_image = adapter.image_token_count()
@@ -68,10 +69,15 @@ def check_adapter(adapter: VLMAdapter, batch_size: int = 2) -> None:
     images = torch.randn(batch_size, 3, side, side, device=adapter.device)
     images[1:] = images[1:] * 2 + 1  # images that differ, so per-image statistics must differ
     images.requires_grad_(True)
-    with FeatureRecorder(adapter, batch_size) as recorder:
+    sites = adapter.vision_sites()  # canonical names: the same selection means the same on every model
+    layers = sum(name.endswith(".mlp") for name in sites)
+    canonical = {"vision.patch_embedding"} | {f"vision.layers.{i}{part}" for i in range(layers)
+                                              for part in ("", ".attn", ".mlp")}
+    assert set(sites) == canonical, f"vision sites must have canonical names: {sorted(set(sites) ^ canonical)}"
+    with FeatureRecorder(adapter, batch_size, sites) as recorder:
         logits = adapter.target_logits(images, prompt)
     assert logits.shape[:2] == (batch_size, len(target)), f"logits shape {tuple(logits.shape)}"
-    assert set(recorder.stats) == set(adapter.feature_sites()), "every feature site must fire once"
+    assert set(recorder.stats) == set(sites), f"vision sites that never fired: {sorted(set(sites) - set(recorder.stats))}"
     for site, (mean, var) in recorder.stats.items():
         assert mean.shape[0] == batch_size and var.shape == mean.shape, f"{site}: not per-image"
         assert not torch.allclose(mean[0], mean[1]), f"{site}: images were merged"

@@ -3,7 +3,7 @@ and features folders written straight from tensors (hand-made cases for the anal
 import torch
 from PIL import Image
 
-from mimic_toolkit.capture import Features, FeatureWriter
+from mimic_toolkit.lm_capture import Features, FeatureWriter
 
 
 def bpe_tokenizer():

@@ -9,7 +9,7 @@ from PIL import Image
 
 from mimic_plugins.llava_llama3.adapter import LlavaLlama3Adapter
 from mimic_toolkit.adapter import IGNORE_INDEX, Prompt
-from mimic_toolkit.capture import Features, Selector, capture, find_word, load_samples, token_spans
+from mimic_toolkit.lm_capture import Features, Selector, capture, find_word, load_samples, token_spans
 from mimic_toolkit.errors import UserError
 
 from lm_helpers import bpe_tokenizer

@@ -55,9 +55,15 @@ def test_config_file_sets_knobs_and_flags_override_it(invert_args, in_tmp):
 def test_models_json_and_plugins():
     models = json.loads(invoke("models", "--json").output)
     llava = next(m for m in models if m["id"] == "llava-llama3")
-    assert llava["plugin"] == "llava_llama3" and llava["resolution"] == 336 and llava["defaults"]["lr"] == 0.3
+    assert llava["plugin"] == "llava_llama3" and llava["resolution"] == 336
+    assert llava["defaults"] == {}  # the core's defaults are the reference's LLaVA settings
+    toy = next(m for m in models if m["id"] == "toy-shapes")
+    assert toy["defaults"]["lr"] == 0.05  # only what differs from the core's
     plugins = invoke("plugins").output
-    assert "llava_llama3: register_adapters" in plugins and "core: register_objectives" in plugins
+    assert "llava_llama3: register_adapters" in plugins
+    core = next(line for line in plugins.splitlines() if line.startswith("core:"))
+    for hook in ("mimic_load_model", "mimic_vision_sites", "mimic_format_prompt"):
+        assert f"{hook} (default)" in core  # the engine's default answers, listed like any plugin's
 
 
 def test_stats_command_writes_a_file(tiny_checkpoint, in_tmp):

@@ -6,7 +6,7 @@ import torch
 import transformers
 
 from mimic_toolkit.config import resolve
-from mimic_toolkit.invert import ActiveTerm, Inversion
+from mimic_toolkit.inversion import ActiveTerm, Inversion
 from mimic_toolkit.terms import BUILTIN_TERMS
 
 # half the language model, the final norm and the head live "elsewhere"

@@ -14,7 +14,7 @@ from mimic_plugins.llava_llama3.adapter import LlavaLlama3Adapter
 from mimic_plugins.qwen2_vl.adapter import Qwen2VLAdapter
 from mimic_toolkit.config import resolve
 from mimic_toolkit.features import FeatureRecorder, FeatureStats
-from mimic_toolkit.invert import ActiveTerm, Inversion
+from mimic_toolkit.inversion import ActiveTerm, Inversion
 from mimic_toolkit.terms import BUILTIN_TERMS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -10,7 +10,7 @@ from PIL import Image
 from mimic_plugins.idefics2.adapter import Idefics2Adapter
 from mimic_toolkit.config import resolve
 from mimic_toolkit.errors import UserError
-from mimic_toolkit.invert import ActiveTerm, Inversion
+from mimic_toolkit.inversion import ActiveTerm, Inversion
 from mimic_toolkit.terms import answer_ce
 from mimic_toolkit.testing import check_adapter
 

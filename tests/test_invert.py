@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mimic_toolkit.config import resolve
-from mimic_toolkit.invert import ActiveTerm, Inversion
+from mimic_toolkit.inversion import ActiveTerm, Inversion
 from mimic_toolkit.registry import build_registry
 from mimic_toolkit.session import Interrupted, build_config, run_inversion
 from mimic_toolkit.terms import BUILTIN_TERMS

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from mimic_toolkit.cli import app
 from mimic_toolkit.config import resolve
-from mimic_toolkit.invert import ActiveTerm, Inversion
+from mimic_toolkit.inversion import ActiveTerm, Inversion
 from mimic_toolkit.lm_objective import parse_objective
 from mimic_toolkit.terms import lm_direction
 

@@ -9,7 +9,7 @@ from mimic_plugins.qwen2_vl.adapter import Qwen2VLAdapter
 from mimic_toolkit.config import resolve
 from mimic_toolkit.errors import UserError
 from mimic_toolkit.features import FeatureRecorder
-from mimic_toolkit.invert import ActiveTerm, Inversion
+from mimic_toolkit.inversion import ActiveTerm, Inversion
 from mimic_toolkit.terms import answer_ce
 from mimic_toolkit.testing import check_adapter
 

@@ -72,12 +72,41 @@ def test_strict_mode_makes_a_broken_plugin_an_error(plugin_modules, monkeypatch)
         registry.build_registry()
 
 
-def test_two_providers_of_one_model_id_is_an_error_naming_both(plugin_modules):
+def test_two_providers_of_one_model_id_is_an_error_naming_both_when_used(plugin_modules, capsys):
     plugin_modules("first_plugin", PLUGIN.format(id="same-model").replace("darkness", "dark1"))
     plugin_modules("second_plugin", PLUGIN.format(id="same-model").replace("darkness", "dark2"))
+    reg = registry.build_registry()
+    assert reg.adapter_spec("llava-llama3")  # every other model stays usable
     with pytest.raises(UserError) as info:
-        registry.build_registry().adapter_specs()
+        reg.adapter_spec("same-model")
     assert "first_plugin" in str(info.value) and "second_plugin" in str(info.value)
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "first_plugin" in warning[0] and "second_plugin" in warning[0]
+
+
+def test_a_plugin_cannot_silently_replace_a_built_in_model(plugin_modules, capsys):
+    plugin_modules("impostor", PLUGIN.format(id="llava-llama3"))
+    reg = registry.build_registry()
+    spec = reg.adapter_spec("llava-llama3")
+    assert spec.plugin == "llava_llama3" and spec.adapter.startswith("mimic_plugins.")
+    warning = capsys.readouterr().err
+    assert "impostor" in warning and "built-in is kept" in warning
+
+
+def test_models_are_listed_in_a_stable_order_built_ins_first(plugin_modules):
+    plugin_modules("extra_plugin", PLUGIN.format(id="extra-model"))
+    orders = {tuple(registry.build_registry().adapter_specs()) for _ in range(3)}
+    assert len(orders) == 1
+    (order,) = orders
+    assert order[-1] == "extra-model" and {"llava-llama3", "qwen2-vl", "idefics2", "toy-shapes"} == set(order[:-1])
+
+
+def test_registration_goes_through_pluggy_so_tryfirst_orders_the_listing(plugin_modules):
+    plugin_modules("early_plugin", PLUGIN.format(id="early-model").replace("@hookimpl\ndef register_adapters",
+                                                                            "@hookimpl(tryfirst=True)\ndef register_adapters"))
+    plugin_modules("late_plugin", PLUGIN.format(id="late-model").replace("darkness", "dark2"))
+    order = list(registry.build_registry().adapter_specs())
+    assert order.index("early-model") < order.index("late-model")
 
 
 def test_load_plugins_env_loads_only_the_named_ones(plugin_modules, monkeypatch):
@@ -105,11 +134,32 @@ def test_unknown_model_suggests_the_closest():
 
 
 def test_every_hookspec_is_documented_with_an_example():
-    specs = [f for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")]
-    assert len(specs) == 3
+    specs = [f for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith(("register_", "mimic_"))]
+    assert len(specs) == 6
     for spec in specs:
         doc = inspect.getdoc(spec) or ""
         assert "Example" in doc and "@hookimpl" in doc, spec.__name__
+        if spec.__name__.startswith("mimic_"):  # the engine's questions: contracts in pytest's form
+            assert "first non-None result" in doc and ":return:" in doc, spec.__name__
+
+
+def test_every_hookspec_example_is_a_working_plugin():
+    """Each example compiles and, registered as a plugin, passes pluggy's signature check."""
+    import pluggy
+
+    for name, spec in inspect.getmembers(hookspecs, inspect.isfunction):
+        doc = inspect.getdoc(spec) or ""
+        if "Example" not in doc:
+            continue
+        code = textwrap.dedent(doc.split("::", 1)[1].split("\nand in ", 1)[0])  # not the pyproject part
+        module = {}
+        exec(compile(code, f"<{name} example>", "exec"), module)
+        plugin = type("Example", (), {k: staticmethod(v) for k, v in module.items() if hasattr(v, "mimic_toolkit_impl")})
+        manager = pluggy.PluginManager(registry.ENTRY_POINT_GROUP)
+        manager.add_hookspecs(hookspecs)
+        manager.register(plugin)
+        manager.check_pending()
+        assert manager.get_hookcallers(plugin), name
 
 
 def test_listing_models_imports_neither_torch_nor_transformers():

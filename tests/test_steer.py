@@ -3,7 +3,7 @@ generated tokens), mean-difference vectors, vector files and refusals."""
 import pytest
 import torch
 
-from mimic_toolkit.capture import load_samples
+from mimic_toolkit.lm_capture import load_samples
 from mimic_toolkit.errors import UserError
 from mimic_toolkit.lm import LMRecorder, PositionPolicy, Steering
 from mimic_toolkit.steer import build_vector, load_vector, save_vector, steer_answers

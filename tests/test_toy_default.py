@@ -6,10 +6,11 @@ from typer.testing import CliRunner
 
 from mimic_plugins.toy_shapes import shapes, verifier
 from mimic_toolkit.cli import app
+from mimic_toolkit.engine import format_prompt, load_model
 from mimic_toolkit.features import FeatureStats
-from mimic_toolkit.invert import ActiveTerm, Inversion
+from mimic_toolkit.inversion import build_inversion
 from mimic_toolkit.registry import build_registry
-from mimic_toolkit.session import build_config, load_adapter
+from mimic_toolkit.session import build_config
 
 runner = CliRunner()
 
@@ -28,8 +29,7 @@ def test_invert_without_arguments_runs_the_bundled_model(in_tmp):
 def test_shipped_statistics_cover_every_concept_and_match_the_model():
     registry = build_registry()
     spec = registry.adapter_spec("toy-shapes")
-    config = build_config(registry, {})
-    adapter = load_adapter(spec, config, "cpu")
+    adapter = load_model("toy-shapes", device="cpu", registry=registry)
     for index in range(24):
         FeatureStats.find(spec.stats, spec.id, index).check_matches(adapter, spec.id, 64)
 
@@ -38,15 +38,13 @@ def test_a_short_inversion_raises_the_verifiers_probability_of_the_target_colour
     registry = build_registry()
     config = build_config(registry, {"iterations": 60, "seed": 0})
     config.resolution = 64
-    adapter = load_adapter(registry.adapter_spec("toy-shapes"), config, "cpu")
+    adapter = load_model("toy-shapes", device="cpu", registry=registry)
     index = shapes.class_index("circle", "blue")
-    prompt = adapter.build_prompt([(shapes.DEFAULT_QUESTION, "a blue circle")])
-    specs = registry.objective_specs()
-    stats = FeatureStats.find(registry.adapter_spec("toy-shapes").stats, "toy-shapes", index)
-    terms = [ActiveTerm(n, specs[n].term, s) for n, s in config.scales.items()]
+    prompt = format_prompt(adapter, [(shapes.DEFAULT_QUESTION, "a blue circle")])
+    stats = FeatureStats.find(adapter.spec.stats, "toy-shapes", index)
     classifier = verifier.load_verifier()
     colour = shapes.COLOURS.index("blue")
-    with Inversion(adapter, prompt, config, terms, stats) as inversion:
+    with build_inversion(registry, adapter, prompt, config, stats) as inversion:
         before = verifier.predict(adapter.denormalise(inversion.images.detach()), classifier)[1][:, colour].mean()
         for _ in range(config.iterations):
             inversion.run_step()
@@ -76,8 +74,7 @@ def test_evaluate_refuses_folders_that_are_not_runs(in_tmp):
 def test_answer_probability_is_high_for_real_images_and_low_for_wrong_answers():
     from mimic_plugins.toy_shapes.evaluation import answer_probability
 
-    registry = build_registry()
-    adapter = load_adapter(registry.adapter_spec("toy-shapes"), build_config(registry, {}), "cpu")
+    adapter = load_model("toy-shapes", device="cpu")
     images, labels = shapes.sample(7, 8)
     right = [answer_probability(adapter, images[i:i + 1], "What colour is the shape?",
                                 shapes.split_class(int(labels[i]))[1]).item() for i in range(8)]

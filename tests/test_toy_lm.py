@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from mimic_plugins.toy_shapes import shapes
-from mimic_toolkit.capture import Features, Sample, Selector, capture
+from mimic_toolkit.lm_capture import Features, Sample, Selector, capture
 from mimic_toolkit.concepts import fit_concepts
 from mimic_toolkit.decompose import fit, purity
 from mimic_toolkit.lm import PositionPolicy
@@ -30,11 +30,9 @@ HUES = {"red": 0, "yellow": 60, "green": 120, "cyan": 180, "blue": 240, "magenta
 
 @pytest.fixture(scope="module")
 def toy():
-    from mimic_toolkit.config import resolve
-    from mimic_toolkit.registry import default_registry
-    from mimic_toolkit.session import load_adapter
+    from mimic_toolkit.engine import load_model
 
-    return load_adapter(default_registry().adapter_spec("toy-shapes"), resolve([{"model": "toy-shapes"}]), "cpu")
+    return load_model("toy-shapes", device="cpu")
 
 
 def draw(folder: Path, colours, question: str, per_shape: int, seed: int) -> list[Sample]:

@@ -76,13 +76,13 @@ class Idefics2Adapter(VLMAdapter):
         return f"{IMAGE_BOUNDARY}{IMAGE_MARKER}{IMAGE_BOUNDARY}{text}"  # as Idefics2's processor expands <image>
 
     # -- vision tower -----------------------------------------------------------------------
-    def feature_sites(self) -> dict[str, torch.nn.Module]:
-        """The patch embedding (before position embeddings) and every encoder layer's MLP branch
-        (before the residual add): 28 sites for SigLIP-so400m."""
-        sites = {"vision.patch_embedding": self.vision_model.embeddings.patch_embedding}
-        for i, layer in enumerate(self.vision_model.encoder.layers):
-            sites[f"vision.layers.{i}.mlp"] = layer.mlp
-        return sites
+    @property
+    def patch_embedding(self):
+        return self.vision_model.embeddings.patch_embedding  # before SigLIP adds position embeddings
+
+    @property
+    def vision_layers(self):
+        return self.vision_model.encoder.layers  # 27 for SigLIP-so400m: 28 default feature sites
 
     def vision_forward(self, images: torch.Tensor) -> None:
         self.vision_model(pixel_values=images.to(self.dtype))

@@ -12,10 +12,7 @@ def register_adapters(register):
         aliases=("llava-llama-3-8b", "intel/llava-llama-3-8b"),
         adapter="mimic_plugins.llava_llama3.adapter:LlavaLlama3Adapter",
         resolution=336,
-        # The reference's reproduction settings (method.md).
-        defaults={"iterations": 5000, "batch_size": 4, "lr": 0.3, "min_lr": 1e-5, "jitter": 30,
-                  "flip": True, "scales": {"main": 0.005, "feature": 0.04, "patch": 5e-4,
-                                           "tv_l1": 7e-4, "tv_l2": 4e-4, "l2": 3e-4}},
+        # No defaults: the core's are the reference's reproduction settings for this model (method.md).
         description="LLaVA-Llama-3-8B (Intel layout): CLIP ViT-L/14-336, 576 image tokens, Llama-3 chat",
         tested_transformers="5.17, 5.24",
     ))

@@ -36,13 +36,13 @@ class LlavaLlama3Adapter(VLMAdapter):
         keeps_cls = self.model.config.vision_feature_select_strategy == "full"
         return grid * grid + int(keeps_cls)
 
-    def feature_sites(self) -> dict[str, torch.nn.Module]:
-        """The patch embedding (before position embeddings) and every encoder layer's MLP
-        branch (before the residual add): 25 sites for CLIP ViT-L."""
-        sites = {"vision.patch_embedding": self.vision_tower.embeddings.patch_embedding}
-        for i, layer in enumerate(self.vision_tower.encoder.layers):
-            sites[f"vision.layers.{i}.mlp"] = layer.mlp
-        return sites
+    @property
+    def patch_embedding(self):
+        return self.vision_tower.embeddings.patch_embedding  # before CLIP adds position embeddings
+
+    @property
+    def vision_layers(self):
+        return self.vision_tower.encoder.layers  # 24 for CLIP ViT-L: 25 default feature sites
 
     def vision_forward(self, images: torch.Tensor) -> None:
         self.vision_tower(pixel_values=images.to(self.dtype))

@@ -10,10 +10,8 @@ def register_adapters(register):
         aliases=("qwen2-vl-7b-instruct", "qwen/qwen2-vl-7b-instruct"),
         adapter="mimic_plugins.qwen2_vl.adapter:Qwen2VLAdapter",
         resolution=448,
-        # The reference's settings (method.md), not tuned for Qwen; any multiple of 28 px is accepted.
-        defaults={"iterations": 5000, "batch_size": 4, "lr": 0.3, "min_lr": 1e-5, "jitter": 30, "flip": True,
-                  "scales": {"main": 0.005, "feature": 0.04, "patch": 5e-4, "tv_l1": 7e-4, "tv_l2": 4e-4,
-                             "l2": 3e-4}},
+        # No defaults: the core's (the reference's for LLaVA, method.md), not tuned for Qwen.
+        # Any multiple of 28 px is accepted.
         description="Qwen2-VL-7B-Instruct: ViT with 2x2 merge, 256 image tokens at 448 px, ChatML",
         tested_transformers="5.17, 5.24",
     ))

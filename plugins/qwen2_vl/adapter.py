@@ -113,13 +113,13 @@ class Qwen2VLAdapter(VLMAdapter):
         return f"<|vision_start|>{IMAGE_MARKER}<|vision_end|>{text}"  # as Qwen's processor writes it
 
     # -- vision tower -----------------------------------------------------------------------
-    def feature_sites(self) -> dict[str, torch.nn.Module]:
-        """The patch embedding (Qwen adds no position embedding: it uses rotary ones) and every
-        block's MLP branch (before the residual add)."""
-        sites = {"vision.patch_embed": self.visual.patch_embed}
-        for i, block in enumerate(self.visual.blocks):
-            sites[f"vision.blocks.{i}.mlp"] = block.mlp
-        return sites
+    @property
+    def patch_embedding(self):
+        return self.visual.patch_embed  # no position embedding follows: Qwen's are rotary
+
+    @property
+    def vision_layers(self):
+        return self.visual.blocks  # canonical names call them vision.layers.{i}
 
     def site_tokens(self, site: str, output, batch_size: int) -> torch.Tensor:
         """Packed [B * tokens, D] -> [B, tokens, D]: the images are equal in size and packed in order."""

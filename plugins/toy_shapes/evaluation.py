@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from mimic_toolkit.engine import format_prompt, load_model
 from mimic_toolkit.errors import UserError
 
 from . import shapes, verifier
@@ -40,7 +41,7 @@ def load_run_images(folder: Path) -> torch.Tensor:
 
 def answer_probability(adapter, images01: torch.Tensor, question: str, answer: str) -> torch.Tensor:
     """P(answer | image, question) under the VLM, per image (product over the answer's tokens)."""
-    return adapter.answer_probability(adapter.normalise(images01), adapter.build_prompt([(question, answer)]))
+    return adapter.answer_probability(adapter.normalise(images01), format_prompt(adapter, [(question, answer)]))
 
 
 def evaluate_run(folder: Path, adapter, classifier) -> dict:
@@ -79,14 +80,9 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def evaluate(paths: list[Path], adapter=None) -> tuple[list[dict], dict]:
-    from mimic_toolkit.registry import default_registry
-    from mimic_toolkit.session import load_adapter
-    from mimic_toolkit.config import InversionConfig
-
     folders = run_folders(paths)
     if adapter is None:
-        spec = default_registry().adapter_spec("toy-shapes")
-        adapter = load_adapter(spec, InversionConfig(model="toy-shapes"), "cpu")
+        adapter = load_model("toy-shapes", device="cpu")
     classifier = verifier.load_verifier()
     rows = [evaluate_run(folder, adapter, classifier) for folder in folders]
     return rows, summarise(rows)

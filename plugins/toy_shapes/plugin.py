@@ -30,6 +30,7 @@ def register_adapters(register):
                   "log_every": 25, "grid_every": 100, "checkpoint_every": 100,
                   "scales": {"main": 1.0, "feature": 0.01, "patch": 0.05, "tv_l1": 0.05, "tv_l2": 0.05, "l2": 0.0}},
         description="bundled 64 px shapes VLM (LLaVA layout, trained here); the default model",
+        default=True,
         tested_transformers="5.17, 5.24",
     ))
 

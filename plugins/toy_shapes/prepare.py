@@ -15,13 +15,10 @@ from . import shapes
 def write_concept_stats(out: Path, *, images_per_concept: int = 64, seed: int = 0) -> list[Path]:
     """For each concept, generate images, save them as PNGs and run `mimic stats`'s own code on
     the folder, so the shipped statistics come through the same path as a user's."""
-    from mimic_toolkit.config import InversionConfig
+    from mimic_toolkit.engine import load_model
     from mimic_toolkit.features import compute_stats
-    from mimic_toolkit.registry import default_registry
-    from mimic_toolkit.session import load_adapter
 
-    spec = default_registry().adapter_spec("toy-shapes")
-    adapter = load_adapter(spec, InversionConfig(model="toy-shapes"), "cpu")
+    adapter = load_model("toy-shapes", device="cpu")
     written = []
     with atomic_folder(out, replace=True) as partial:  # the old set stays whole until the new one is
         for index in range(len(shapes.SHAPES) * len(shapes.COLOURS)):
@@ -30,6 +27,6 @@ def write_concept_stats(out: Path, *, images_per_concept: int = 64, seed: int = 
                 for i in range(images_per_concept):
                     pixels = shapes.render(*shapes.split_class(index), rng)
                     Image.fromarray((pixels * 255).round().astype(np.uint8)).save(Path(folder) / f"{i:03d}.png")
-                stats = compute_stats(adapter, spec.id, folder, class_index=index)
+                stats = compute_stats(adapter, adapter.model_id, folder, class_index=index)
             written.append(stats.save(partial).name)
     return [out / name for name in written]

@@ -3,8 +3,8 @@
 Two stages, as a real VLM is built on a pretrained CLIP:
 1. vision: the CLIP tower plus a linear head learn to classify the 24 concepts;
 2. language: the whole LLaVA (tower at a lower learning rate) learns to answer the questions.
-Prompts come from the toolkit's LLaVA adapter (`build_prompt`), so training and inversion see the
-same sequences; the model learns the answer plus `<eos>`. Pixels are CLIP-normalised, as the
+Prompts come from the toolkit's prompt formatting (`format_prompt`: the LLaVA adapter's template),
+so training and inversion see the same sequences; the model learns the answer plus `<eos>`. Pixels are CLIP-normalised, as the
 adapter normalises them.
 
     mimic toy train            # writes plugins/toy_shapes/checkpoint/ (about 25 minutes, 1 thread)
@@ -22,6 +22,7 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, PreTrainedTokenizerFast)
 
 from mimic_toolkit.atomic import atomic_folder
+from mimic_toolkit.engine import format_prompt
 
 from ..llava_llama3.adapter import LlavaLlama3Adapter
 from . import shapes
@@ -108,7 +109,7 @@ def make_batch(adapter, seed: tuple[int, ...], size: int, kinds=shapes.QUESTION_
     eos = adapter.tokenizer.eos_token_id
     rows = []
     for label in labels.tolist():
-        prompt = adapter.build_prompt([shapes.question_answer(kinds[rng.integers(len(kinds))], label, rng)])
+        prompt = format_prompt(adapter, [shapes.question_answer(kinds[rng.integers(len(kinds))], label, rng)])
         rows.append((torch.cat([prompt.input_ids, torch.tensor([eos])]), torch.cat([prompt.labels, torch.tensor([eos])])))
     length = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((size, length), adapter.tokenizer.pad_token_id)

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .adapter import VLMAdapter
 from .atomic import PartialFolder, refuse_existing
+from .engine import format_prompt
 from .errors import UserError
 from .features import adapter_revision, find_images
 from .lm import LMRecorder
@@ -153,7 +154,7 @@ def capture(adapter: VLMAdapter, model_id: str, samples: list[Sample], site: str
     skipped = []
     try:
         for question, group in by_question(samples):
-            prompt = adapter.build_prompt([(question, "")], target=False)
+            prompt = format_prompt(adapter, [(question, "")], target=False)
             for start in range(0, len(group), batch_size):
                 batch = group[start:start + batch_size]
                 for sample, entry, rows in _capture_batch(adapter, prompt, batch, site, selector, max_new_tokens,

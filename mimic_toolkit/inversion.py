@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .adapter import Prompt, VLMAdapter
 from .config import InversionConfig
+from .engine import vision_sites
 from .features import FeatureRecorder
 from .lm import LMRecorder
 from .terms import StepContext
@@ -28,6 +29,15 @@ class ActiveTerm:
     scale: float
 
 
+def build_inversion(registry, adapter: VLMAdapter, prompt: Prompt, config: InversionConfig, stats=None, *,
+                    rank: int = 0, lm_objective=None) -> "Inversion":
+    """The one way to build an `Inversion` from settings: the config's objective terms at their
+    scales, as the registry's plugins define them (a term at scale 0 is never computed)."""
+    specs = registry.objective_specs()
+    terms = [ActiveTerm(name, specs[name].term, scale) for name, scale in config.scales.items()]
+    return Inversion(adapter, prompt, config, terms, stats, rank=rank, lm_objective=lm_objective)
+
+
 class Inversion:
     def __init__(self, adapter: VLMAdapter, prompt: Prompt, config: InversionConfig,
                  terms: list[ActiveTerm], stats=None, rank: int = 0, lm_objective=None):
@@ -37,7 +47,8 @@ class Inversion:
         # them change) and undone by `close`: the adapter is shared by the runs of a sweep.
         self._undo = ExitStack()
         uses_features = any(t.name == "feature" for t in self.terms)
-        self.recorder = self._undo.enter_context(FeatureRecorder(adapter, config.batch_size)) if uses_features else None
+        self.recorder = self._undo.enter_context(
+            FeatureRecorder(adapter, config.batch_size, vision_sites(adapter, config.feature_sites))) if uses_features else None
         # the "lm" term reads the hidden state at its objective's site
         self.lm_objective = lm_objective if any(t.name == "lm" for t in self.terms) else None
         self.lm_recorder = self._undo.enter_context(LMRecorder(adapter, [lm_objective.site])) if self.lm_objective else None

@@ -147,19 +147,16 @@ def compare(
     models: str = typer.Option(..., help="Comma-separated adapter ids, e.g. llava-llama3,qwen2-vl,idefics2."),
     outputs: Path = typer.Option(..., help="The comparison folder (a run folder per model, grid, report)."),
     checkpoint: List[str] = typer.Option([], help="MODEL=PATH, once per model that needs one."),
+    stats: List[str] = typer.Option([], help="MODEL=PATH: that model's feature statistics (a file, or a folder "
+                                    "of per-class files), once per model; --scale feature=0 runs without."),
 ):
     """The same concept, seed and settings on several models, and each model's images scored by
     every model (P(target) and whether its greedy answer names the target)."""
     from .compare import run_compare
 
-    paths = {}
-    for pair in checkpoint:
-        name, sep, path = pair.partition("=")
-        if not sep:
-            raise UserError(f"--checkpoint takes MODEL=PATH here, got '{pair}'")
-        paths[default_registry().adapter_spec(name).id] = path
     folder = run_compare(default_registry(), [m.strip() for m in models.split(",") if m.strip()], flags, outputs,
-                         paths, say=lambda m: typer.echo(m, err=True))
+                         _per_model(checkpoint, "--checkpoint"), _per_model(stats, "--stats"),
+                         say=lambda m: typer.echo(m, err=True))
     typer.echo(f"comparison folder: {folder}\nreport:            {folder / 'report.html'}")
 
 
@@ -198,6 +195,17 @@ def report(run: Path = typer.Argument(..., help="A run folder.")):
 
 
 add_lm_commands(app)  # capture, concepts, steer, shift
+
+
+def _per_model(pairs: list[str], option: str) -> dict[str, str]:
+    """['MODEL=PATH', ...] -> {model id: PATH}."""
+    paths = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep:
+            raise UserError(f"{option} takes MODEL=PATH here, got '{pair}'")
+        paths[default_registry().adapter_spec(name).id] = path
+    return paths
 
 
 def _str(value) -> Optional[str]:

@@ -14,35 +14,44 @@ from .errors import UserError
 from .htmlkit import heading, image, page, span, table
 from .registry import Registry
 from .engine import format_prompt
-from .session import Processes, build_config, concept_of, load_configured, run_inversion
+from .session import Processes, build_config, check_inputs, concept_of, load_configured, run_inversion
 
 THUMB = 128
 
 
 def run_compare(registry: Registry, models: list[str], flags: dict, folder: Path,
-                checkpoints: dict[str, str] | None = None, say=print) -> Path:
+                checkpoints: dict[str, str] | None = None, stats: dict[str, str] | None = None, say=print) -> Path:
+    """`checkpoints` and `stats`: model id -> its checkpoint and its feature statistics (a file or
+    a folder of per-class files). Every model's inputs are checked before any model runs, and all
+    that is missing is named in one error; a model that then fails while running is reported."""
     specs = [registry.adapter_spec(m) for m in models]  # unknown names fail before any work
     refuse_existing(folder, "--outputs")
+    configs, problems = {}, []
+    for spec in specs:
+        settings = {**flags, "model": spec.id, "checkpoint": (checkpoints or {}).get(spec.id) or flags.get("checkpoint"),
+                    "stats": (stats or {}).get(spec.id) or flags.get("stats")}
+        try:
+            configs[spec.id] = build_config(registry, settings)
+            check_inputs(configs[spec.id], spec)
+        except UserError as exc:
+            problems.append(f"{spec.id}: {exc}")
+    if problems:
+        raise UserError("; ".join(problems))
     output = PartialFolder(folder)  # left as it is on failure: its finished runs took long
     work = output.start()
     results = {}
-    for spec in specs:
-        settings = {**flags, "model": spec.id, "outputs": str(work / spec.id),
-                    "checkpoint": (checkpoints or {}).get(spec.id) or flags.get("checkpoint")}
-        notes = []
-        if not (flags.get("stats") or spec.stats):  # no statistics for this model: run without the term
-            settings["scales"] = {**flags.get("scales", {}), "feature": 0.0}
-            notes.append("feature statistics off (none given)")
-        say(f"{spec.id}: inverting")
+    for model, config in configs.items():
+        config.outputs = str(work / model)
+        notes = [] if config.scales.get("feature") else ["feature statistics off"]
+        say(f"{model}: inverting")
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()  # each model's own peak, not the largest so far
         try:
-            config = build_config(registry, settings)
             run = run_inversion(registry, config)
-            results[spec.id] = {"run": run, "config": config, "notes": notes, **_run_summary(run)}
-        except (UserError, RuntimeError, OSError) as exc:  # e.g. a missing checkpoint, out of memory
-            results[spec.id] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "notes": notes}
-            say(f"{spec.id}: failed: {results[spec.id]['error']}")
+            results[model] = {"run": run, "config": config, "notes": notes, **_run_summary(run)}
+        except (UserError, RuntimeError, OSError) as exc:  # e.g. a corrupt checkpoint, out of memory
+            results[model] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "notes": notes}
+            say(f"{model}: failed: {results[model]['error']}")
     matrix = _transfer_matrix(registry, results, flags)
     _write(work, results, matrix)
     return output.finish()

@@ -30,8 +30,9 @@ class InversionConfig:
     """The one definition of the settings: `mimic invert` (and `sweep`, `compare`) derive their
     options from these fields (`cli_settings.with_settings`)."""
 
-    model: str = setting("toy-shapes", "Adapter id (`mimic models`); default: the bundled toy model.", WHAT,
-                         short="-m")
+    # None: the registry's default model (the bundled toy model says `default=True`)
+    model: str | None = setting(None, "Adapter id (`mimic models`); default: the bundled toy model.", WHAT,
+                                short="-m")
     checkpoint: str | None = setting(None, "Local checkpoint folder or hub id.", WHAT)
     revision: str | None = setting(None, "Hub revision of the checkpoint.", WHAT)
     prompts: str | None = setting(None, "Prompt file (JSON: class_index, class_name, chat_sequence); default: "

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import InversionConfig, normalise_keys, read_config_file, resolve
+from .adapter import checkpoint_source
 from .engine import format_prompt, load_model, resolve_device, vision_sites
 from .errors import UserError
 from .features import FeatureStats
@@ -109,8 +110,7 @@ def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | 
     """Run (or resume) one inversion; returns the completed run folder. Pass `adapter` to reuse
     a loaded model (a sweep loads it once for all its classes)."""
     spec = registry.adapter_spec(config.model)
-    concept = concept_of(config, spec)
-    stats = _stats_for(config, spec, concept)
+    concept, stats = check_inputs(config, spec, needs_checkpoint=adapter is None)
     procs = Processes(config.device)
     if resume:
         run = RunFolder.for_resume(resume, procs.rank, procs.world_size)
@@ -203,6 +203,31 @@ def _optimise(inversion, run, config, adapter, progress, stop_requested, rank) -
             run.save_checkpoint(inversion.state_dict())
         if stopping and step < config.iterations:
             raise Interrupted(run, step)
+
+
+def check_inputs(config: InversionConfig, spec: AdapterSpec, needs_checkpoint: bool = True):
+    """Every input a run reads, checked before any work: (the concept, the feature statistics or
+    None). What is missing or wrong is named all at once, in one error line, so a user fixes it in
+    one go rather than one input per attempt."""
+    problems = []
+
+    def checked(read, *args):
+        try:
+            return read(*args)
+        except UserError as exc:
+            problems.append(str(exc))
+
+    concept = checked(concept_of, config, spec)
+    stats = checked(_stats_for, config, spec, concept) if concept else None
+    if needs_checkpoint:
+        source = config.checkpoint or spec.checkpoint
+        if source:
+            checked(checkpoint_source, source)
+        else:
+            problems.append(f"model '{spec.id}' needs --checkpoint PATH (a local folder or a hub id)")
+    if problems:
+        raise UserError("; ".join(problems))
+    return concept, stats
 
 
 def _stats_for(config: InversionConfig, spec: AdapterSpec, concept) -> FeatureStats | None:

@@ -41,6 +41,18 @@ def words_of(*texts: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def tiny_adapter(model_id: str, registry=None) -> VLMAdapter:
+    """A tiny random model of a registered model's adapter, answering to that model's id, so the
+    plugins' hooks for it (a chat format, say) apply as they would to the loaded checkpoint."""
+    from .registry import default_registry
+
+    registry = registry or default_registry()
+    spec = registry.adapter_spec(model_id)
+    adapter = spec.load_class().tiny()
+    adapter.spec, adapter.registry = spec, registry
+    return adapter
+
+
 def check_adapter(adapter: VLMAdapter, batch_size: int = 2) -> None:
     """The adapter contract, checked on a (tiny) model. Raises AssertionError on a violation."""
     from .engine import format_prompt

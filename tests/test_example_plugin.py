@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mimic_toolkit.engine import format_prompt, load_model
 from mimic_toolkit.registry import build_registry
 from mimic_toolkit.session import build_config, run_inversion
 
@@ -48,7 +49,22 @@ def test_a_tiny_inversion_runs_through_the_installed_plugin(installed_plugin, tm
                  scales={"feature": 0.0}, outputs=str(tmp_path / "run"))
     run = run_inversion(registry, build_config(registry, flags))
     manifest = json.loads((run / "manifest.json").read_text())
-    assert (manifest["model"], manifest["adapter"], manifest["plugin"]) == ("llava-1.5-7b", "Llava15Adapter", "llava15")
+    # the plugin is data: the built-in adapter, its own chat format through the prompt hook
+    assert (manifest["model"], manifest["adapter"], manifest["plugin"]) == ("llava-1.5-7b", "LlavaLlama3Adapter", "llava15")
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in steps] == [1, 3] and steps[-1]["terms"]["main"] > 0
     assert (run / "images" / "00.png").is_file() and (run / "report.html").is_file()
+    from mimic_llava15 import VICUNA_TEMPLATE
+
+    adapter = load_model("llava-1.5-7b", checkpoint=str(tmp_path / "checkpoint"), device="cpu", registry=registry)
+    turns = [("What is in the image?", "a red circle")]
+    assert format_prompt(adapter, turns).input_ids.tolist() == \
+        adapter.build_prompt(turns, chat_template=VICUNA_TEMPLATE).input_ids.tolist()
+
+
+def test_the_plugins_own_tests_pass_against_the_installed_plugin(installed_plugin, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed_plugin), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+                             str(EXAMPLE / "tests")], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "3 passed" in result.stdout

@@ -1,0 +1,96 @@
+"""Loading: which transformers class and checkpoint a model is, reading it from a folder or the hub,
+and writing it back. The `mimic_load_model` hook's default calls `load` (`mimic_toolkit/builtin.py`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..specs import AdapterSpec
+
+
+class Loading:
+    """The loading part of `VLMAdapter`."""
+
+    model_class: str = ""  # transformers class name, e.g. "LlavaForConditionalGeneration"
+    model_type: str = ""  # the checkpoint config's model_type, e.g. "llava"
+
+    @classmethod
+    def load(cls, checkpoint: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+             device_map: str | None = None, revision: str | None = None, trust_remote_code: bool = False,
+             spec: AdapterSpec | None = None):
+        """Load from a local folder or a hub id (the hub needs a network). With `device_map`
+        ("auto"), accelerate places the layers over the visible devices instead of `device`."""
+        import transformers
+
+        _quiet_transformers()
+        source = checkpoint_source(checkpoint)
+        config = load_config(source, revision, trust_remote_code)
+        if config.model_type != cls.model_type:
+            raise UserError(f"'{checkpoint}' holds a {config.model_type} model, not {cls.model_type}; "
+                            "choose the matching --model")
+        model_cls = getattr(transformers, cls.model_class)
+        try:
+            model = model_cls.from_pretrained(source, config=config, dtype=dtype, revision=revision,
+                                              trust_remote_code=trust_remote_code, device_map=device_map)
+            tokenizer = cls.load_tokenizer(source, revision=revision, trust_remote_code=trust_remote_code)
+        except OSError as exc:
+            raise UserError(f"could not load '{checkpoint}': {str(exc).splitlines()[0]}") from exc
+        return cls(model if device_map else model.to(device), tokenizer, spec=spec)
+
+    @classmethod
+    def load_tokenizer(cls, source: str, **kwargs):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+
+    @classmethod
+    def tiny(cls, seed: int = 0):
+        """A randomly initialised model of this adapter's layout, a few hundred k parameters."""
+        raise NotImplementedError
+
+    @classmethod
+    def benchmark_config(cls, size: str):
+        """The transformers config of a random-initialised model for `benchmarks/step_time.py`:
+        "full" = the public checkpoint's exact architecture, "mid" = the same layout and image-token
+        count with narrow, shallow layers and a small vocabulary (seconds per step on a CPU)."""
+        raise NotImplementedError(f"{cls.__name__} declares no benchmark architectures: "
+                                  "implement the classmethod benchmark_config(size)")
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write a checkpoint folder that `load` reads back (used for tiny test checkpoints)."""
+        _quiet_transformers()
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+
+def _quiet_transformers() -> None:
+    """No per-shard progress bars: our own panel reports progress."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def checkpoint_source(checkpoint: str) -> str:
+    """A local model folder (its path) or a hub id; anything else is one clear error."""
+    local = Path(checkpoint).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise UserError(f"'{checkpoint}' is not a model folder (it has no config.json)")
+        return str(local)
+    parts = checkpoint.split("/")
+    if len(parts) == 2 and all(parts) and not checkpoint.startswith((".", "~")):
+        return checkpoint
+    raise UserError(f"checkpoint folder '{checkpoint}' does not exist")
+
+
+def load_config(source: str, revision: str | None, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not read the model config of '{source}': {str(exc).splitlines()[0]}") from exc

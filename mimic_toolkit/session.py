@@ -112,49 +112,18 @@ def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | 
     spec = registry.adapter_spec(config.model)
     concept, stats = check_inputs(config, spec, needs_checkpoint=adapter is None)
     procs = Processes(config.device)
-    if resume:
-        run = RunFolder.for_resume(resume, procs.rank, procs.world_size)
-    else:
-        default = Path("runs") / f"{spec.id}-{_slug(concept)}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run = RunFolder(Path(procs.share(config.outputs or str(default))), procs.rank, procs.world_size)
-        if procs.rank == 0 and (run.final.exists() or run.path.exists()):
-            run.create()  # raises the right message before the model is loaded
-
+    run = _run_folder(config, spec, concept, procs, resume)
     adapter = adapter or load_configured(registry, config, procs.device)
-    config.resolution = config.resolution or adapter.resolution
-    if config.resolution % adapter.patch_size:
-        raise UserError(f"resolution {config.resolution} is not a multiple of the patch size "
-                        f"{adapter.patch_size} of '{spec.id}'")
-    adapter.use_resolution(config.resolution)
+    _use_resolution(adapter, config, spec)
+    prompt = format_prompt(adapter, concept.chat_sequence)
     if stats is not None:
         stats.check_matches(adapter, spec.id, config.resolution, config.stats or spec.stats or "",
                             sites=vision_sites(adapter, config.feature_sites))
-    prompt = format_prompt(adapter, concept.chat_sequence)
     lm_objective = parse_objective(config.objective, adapter, spec.id, prompt, config.objective_positions) \
         if config.objective else None
     inversion = build_inversion(registry, adapter, prompt, config, stats, rank=procs.rank, lm_objective=lm_objective)
-
-    if resume:
-        state = run.load_checkpoint()
-        if tuple(state["images"].shape) != tuple(inversion.images.shape):
-            raise UserError(f"'{run.path}': its checkpoint holds images of shape {tuple(state['images'].shape)}, "
-                            f"its config asks for {tuple(inversion.images.shape)}")
-        inversion.load_state_dict(state)
-        run.truncate_metrics(inversion.step)
-        info = run.read_manifest()
-    else:
-        if procs.rank == 0:
-            run.create()
-            run.write_config(config.to_dict())
-        procs.wait()
-        info = manifest(config.to_dict(), adapter, procs.device, procs.world_size)
-        info.update(concept={"class_index": concept.class_index, "class_name": concept.class_name,
-                             "target": concept.target})
-        if procs.rank == 0:
-            run.write_manifest(info)
-
-    started = time.perf_counter()
-    first_step = inversion.step
+    info = _restore(inversion, run) if resume else _start(run, config, adapter, concept, procs)
+    first_step, started = inversion.step, time.perf_counter()
     try:
         _optimise(inversion, run, config, adapter, progress if procs.rank == 0 else None, stop_requested,
                   procs.rank)
@@ -164,14 +133,59 @@ def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | 
         raise
     finally:
         inversion.close()
+    return _finish(run, inversion, adapter, info, procs, config.iterations - first_step, time.perf_counter() - started)
 
-    seconds = time.perf_counter() - started
+
+def _run_folder(config: InversionConfig, spec: AdapterSpec, concept, procs: Processes, resume: str | None) -> RunFolder:
+    if resume:
+        return RunFolder.for_resume(resume, procs.rank, procs.world_size)
+    default = Path("runs") / f"{spec.id}-{_slug(concept)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = RunFolder(Path(procs.share(config.outputs or str(default))), procs.rank, procs.world_size)
+    if procs.rank == 0 and (run.final.exists() or run.path.exists()):
+        run.create()  # raises the right message before the model is loaded
+    return run
+
+
+def _use_resolution(adapter, config: InversionConfig, spec: AdapterSpec) -> None:
+    config.resolution = config.resolution or adapter.resolution
+    if config.resolution % adapter.patch_size:
+        raise UserError(f"resolution {config.resolution} is not a multiple of the patch size "
+                        f"{adapter.patch_size} of '{spec.id}'")
+    adapter.use_resolution(config.resolution)
+
+
+def _restore(inversion, run: RunFolder) -> dict:
+    """A resumed run: its checkpoint's state, its metrics up to it, its manifest."""
+    state = run.load_checkpoint()
+    if tuple(state["images"].shape) != tuple(inversion.images.shape):
+        raise UserError(f"'{run.path}': its checkpoint holds images of shape {tuple(state['images'].shape)}, "
+                        f"its config asks for {tuple(inversion.images.shape)}")
+    inversion.load_state_dict(state)
+    run.truncate_metrics(inversion.step)
+    return run.read_manifest()
+
+
+def _start(run: RunFolder, config: InversionConfig, adapter, concept, procs: Processes) -> dict:
+    """A new run: its folder, config and manifest."""
+    if procs.rank == 0:
+        run.create()
+        run.write_config(config.to_dict())
+    procs.wait()
+    info = manifest(config.to_dict(), adapter, procs.device, procs.world_size)
+    info.update(concept={"class_index": concept.class_index, "class_name": concept.class_name,
+                         "target": concept.target})
+    if procs.rank == 0:
+        run.write_manifest(info)
+    return info
+
+
+def _finish(run: RunFolder, inversion, adapter, info: dict, procs: Processes, steps_run: int, seconds: float) -> Path:
+    """Images, the last checkpoint, timings and the report; the folder gets its final name."""
     run.save_images(adapter.denormalise(inversion.images.detach()))
     run.save_checkpoint(inversion.state_dict())
     procs.wait()
     if procs.rank != 0:
         return run.final
-    steps_run = config.iterations - first_step
     info["timings"] = info.get("timings", []) + [{"steps": steps_run, "seconds": round(seconds, 3),
                                                   "ms_per_step": round(1000 * seconds / max(steps_run, 1), 2)}]
     info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     for name in args.models.split(","):
         spec = registry.adapter_spec(name)
         adapter_class = spec.load_class()
-        full = adapter_class.benchmark_config("full")
+        full = adapter_class.architecture("full")
         with torch.device("meta"):  # the parameter count of the full model, without its memory
             model = getattr(transformers, adapter_class.model_class)._from_config(full)
         weights_gib = sum(p.numel() for p in model.parameters()) * 2 / 2**30  # bf16

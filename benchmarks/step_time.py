@@ -1,6 +1,6 @@
 """Time the toolkit's real inversion step (`Inversion.run_step`) on random-initialised models.
 
-Each adapter declares its benchmark architectures (`benchmark_config`): "full" is the public
+Each adapter declares its architectures (`architecture(size)`): "full" is the public
 checkpoint's (no weights needed), "mid" a CPU-sized model of the same layout. The prompt is random
 text around the adapter's image tokens with the answer at the end; the objective is the adapter's
 default one (feature statistics against stand-in targets included). One JSON line per
@@ -123,7 +123,7 @@ def build_adapter(adapter_class, size: str, device: str, dtype: torch.dtype, dep
         adapter.model.to(device, dtype)
         return adapter
     model_class = getattr(transformers, adapter_class.model_class)
-    config = adapter_class.benchmark_config(size)
+    config = adapter_class.architecture(size)
     if depth:
         lm_layers, vision_layers = depth
         config.text_config.num_hidden_layers = lm_layers

@@ -98,7 +98,7 @@ def describe_sites(name: str, checkpoint: str | None = None, registry=None) -> t
 
         config, origin = load_config(checkpoint_source(source), None, False), f"the config of {source}"
     else:
-        config, origin = adapter_class.benchmark_config("full"), f"{spec.id}'s declared full-size architecture"
+        config, origin = adapter_class.architecture("full"), f"{spec.id}'s declared full-size architecture"
     with torch.device("meta"):
         model = getattr(transformers, adapter_class.model_class)._from_config(config)
     adapter = adapter_class(model, tokenizer=None, spec=spec)

@@ -42,7 +42,7 @@ def tiny(request, tiny_llava):
 
 def on_meta(adapter_class, size):
     with torch.device("meta"):  # shapes only: a full-size model costs no memory here
-        model = getattr(transformers, adapter_class.model_class)._from_config(adapter_class.benchmark_config(size))
+        model = getattr(transformers, adapter_class.model_class)._from_config(adapter_class.architecture(size))
     return adapter_class(model, tokenizer=None)
 
 
@@ -56,11 +56,11 @@ def test_full_benchmark_architectures_are_the_public_ones_and_mid_keeps_their_la
     assert sum(p.numel() for p in mid.model.parameters()) < 1e7
 
 
-def test_an_adapter_without_benchmark_architectures_says_so():
+def test_an_adapter_without_architectures_says_so():
     from mimic_toolkit.adapter import VLMAdapter
 
-    with pytest.raises(NotImplementedError, match="benchmark_config"):
-        VLMAdapter.benchmark_config("mid")
+    with pytest.raises(NotImplementedError, match=r"architecture\(size\)"):
+        VLMAdapter.architecture("mid")
 
 
 @pytest.mark.parametrize("model_id", ["llava-llama3", "qwen2-vl", "idefics2"])

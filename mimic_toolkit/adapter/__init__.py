@@ -4,15 +4,17 @@ The core (inversion loop, statistics, CLI) only calls the adapter and never asks
 has. A new VLM is one `VLMAdapter` subclass plus an `AdapterSpec` registered by a plugin.
 `VLMAdapter` is composed of parts, one module each, named after what the engine asks:
 
-- `loading.py`: the transformers class, reading and writing checkpoints (`mimic_load_model`).
+- `loading.py`: the transformers class, reading and writing checkpoints, and the architectures of
+  random models: `architecture(size)`, `tiny` (`mimic_load_model`).
 - `vision.py`: geometry, normalisation, pixel inputs and the tower's sites (`mimic_vision_sites`).
 - `chat.py`: the chat template, image tokens and `Prompt` (`mimic_format_prompt`).
 - `language.py`: text inputs, the target's logits, decoder sites, unembedding, generation.
 - `memory.py`: what `--memory-saving` recomputes.
 
 Most LLaVA-like models need only the class attributes, `patch_embedding`, `vision_layers`,
-`vision_forward` and `image_token_count`; models whose image input is not a plain [B, 3, H, W]
-batch override `pixel_inputs` (and `text_inputs` for extra text-side inputs).
+`vision_forward`, `image_token_count`, `architecture` and `test_tokenizer`; models whose image
+input is not a plain [B, 3, H, W] batch override `pixel_inputs` (and `text_inputs` for extra
+text-side inputs).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ __all__ = ["IGNORE_INDEX", "IMAGE_MARKER", "Prompt", "VLMAdapter", "checkpoint_s
 
 class VLMAdapter(Loading, VisionTower, ChatFormat, LanguageModel, MemorySaving):
     """Base class of every model adapter. Subclasses set the class attributes and implement
-    `patch_embedding`, `vision_layers`, `vision_forward`, `image_token_count` and `tiny`."""
+    `patch_embedding`, `vision_layers`, `vision_forward`, `image_token_count`, `architecture` and
+    `test_tokenizer` (the tokenizer of the tiny architecture)."""
 
     def __init__(self, model, tokenizer, spec: AdapterSpec | None = None):
         self.model = model.eval().requires_grad_(False)  # frozen: only the image is optimised

@@ -1,9 +1,12 @@
-"""Loading: which transformers class and checkpoint a model is, reading it from a folder or the hub,
-and writing it back. The `mimic_load_model` hook's default calls `load` (`mimic_toolkit/builtin.py`).
+"""Loading: which transformers class a model is, reading a checkpoint from a folder or the hub and
+writing one back, and the architectures of randomly initialised models (`architecture(size)`:
+tiny ones for the tests, mid and full ones for the benchmarks). The `mimic_load_model` hook's
+default calls `load` (`mimic_toolkit/builtin.py`).
 """
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,17 +51,44 @@ class Loading:
         return AutoTokenizer.from_pretrained(source, **kwargs)
 
     @classmethod
+    def architecture(cls, size: str):
+        """The transformers config of a randomly initialised model of this layout. "full": the
+        public checkpoint's exact architecture (`benchmarks/`, `mimic models --sites`); "mid": the
+        same layout and image-token count with narrow, shallow layers and a small vocabulary (seconds
+        per step on a CPU); "tiny": a few hundred k parameters over `test_tokenizer`'s words (`tiny`)."""
+        raise NotImplementedError(f"{cls.__name__} declares no architectures: "
+                                  "implement the classmethod architecture(size)")
+
+    @classmethod
+    def test_tokenizer(cls):
+        """The tiny architecture's in-memory tokenizer (`mimic_toolkit.testing.word_tokenizer`)."""
+        raise NotImplementedError(f"{cls.__name__} declares no test tokenizer")
+
+    @classmethod
     def tiny(cls, seed: int = 0):
-        """A randomly initialised model of this adapter's layout, a few hundred k parameters."""
-        raise NotImplementedError
+        """A randomly initialised model of the "tiny" architecture with `test_tokenizer`, for CPU tests."""
+        import transformers
+
+        tokenizer, config = cls.test_tokenizer(), cls.architecture("tiny")
+        torch.manual_seed(seed)
+        adapter = cls(getattr(transformers, cls.model_class)(config), tokenizer)
+        adapter.prepare_tiny()
+        return adapter
+
+    def prepare_tiny(self) -> None:
+        """Adjust a just-built tiny model (its input side, wider random weights); by default nothing."""
 
     @classmethod
     def benchmark_config(cls, size: str):
-        """The transformers config of a random-initialised model for `benchmarks/step_time.py`:
-        "full" = the public checkpoint's exact architecture, "mid" = the same layout and image-token
-        count with narrow, shallow layers and a small vocabulary (seconds per step on a CPU)."""
-        raise NotImplementedError(f"{cls.__name__} declares no benchmark architectures: "
-                                  "implement the classmethod benchmark_config(size)")
+        """The old name of `architecture`, kept for one release."""
+        warnings.warn("benchmark_config(size) is now architecture(size)", DeprecationWarning, stacklevel=2)
+        return cls.architecture(size)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "benchmark_config" in vars(cls) and "architecture" not in vars(cls):
+            # written to the old contract: its architectures answer to the new name too
+            cls.architecture = classmethod(lambda klass, size: klass.benchmark_config(size))
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write a checkpoint folder that `load` reads back (used for tiny test checkpoints)."""

@@ -88,33 +88,31 @@ class Idefics2Adapter(VLMAdapter):
         self.vision_model(pixel_values=images.to(self.dtype))
 
     @classmethod
-    def tiny(cls, seed: int = 0) -> "Idefics2Adapter":
-        """SigLIP with 14 px patches on 56 px, a 1-layer perceiver with 4 latents, 2-layer Mistral."""
-        from transformers import Idefics2Config, Idefics2ForConditionalGeneration
-
+    def test_tokenizer(cls):
         specials = ["<s>", "</s>", IMAGE_BOUNDARY, "<image>", "<end_of_utterance>"]
-        tokenizer = word_tokenizer(BASIC_WORDS + ["user", "assistant"], specials, IDEFICS2_TEMPLATE, bos="<s>",
-                                   eos="</s>", pad="<unk>")
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      image_size=56, patch_size=14)
-        # Wider initialisations than the default 0.02: the perceiver's output norm bounds the image
-        # tokens, and with narrow random weights the image hardly moves the answer.
-        perceiver = dict(hidden_size=64, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
-                         resampler_head_dim=16, num_key_value_heads=1, initializer_range=0.5)
-        text = dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                    max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id, initializer_range=0.1)
-        config = Idefics2Config(vision_config=vision, perceiver_config=perceiver, text_config=text,
-                                image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-        torch.manual_seed(seed)
-        return cls(Idefics2ForConditionalGeneration(config), tokenizer)
+        return word_tokenizer(BASIC_WORDS + ["user", "assistant"], specials, IDEFICS2_TEMPLATE, bos="<s>",
+                              eos="</s>", pad="<unk>")
 
     @classmethod
-    def benchmark_config(cls, size: str):
+    def architecture(cls, size: str):
         """full: HuggingFaceM4/idefics2-8b (SigLIP-so400m up to 980 px, a 3-layer perceiver with 64
-        latents, Mistral-7B); mid: the same layout, narrow and shallow."""
+        latents, Mistral-7B); mid: the same layout, narrow and shallow; tiny: SigLIP with 14 px
+        patches on 56 px, a 1-layer perceiver with 4 latents, 2-layer Mistral."""
         from transformers import Idefics2Config
 
+        if size == "tiny":
+            tokenizer = cls.test_tokenizer()
+            vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=56, patch_size=14)
+            # Wider initialisations than the default 0.02: the perceiver's output norm bounds the image
+            # tokens, and with narrow random weights the image hardly moves the answer.
+            perceiver = dict(hidden_size=64, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                             resampler_head_dim=16, num_key_value_heads=1, initializer_range=0.5)
+            text = dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                        max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id, initializer_range=0.1)
+            return Idefics2Config(vision_config=vision, perceiver_config=perceiver, text_config=text,
+                                  image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
         vision, perceiver, text = {
             "full": (dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
                      dict(resampler_depth=3, resampler_n_heads=16, resampler_head_dim=96, num_key_value_heads=4),

@@ -48,37 +48,31 @@ class LlavaLlama3Adapter(VLMAdapter):
         self.vision_tower(pixel_values=images.to(self.dtype))
 
     @classmethod
-    def tiny(cls, seed: int = 0) -> "LlavaLlama3Adapter":
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
+    def test_tokenizer(cls):
         specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                     "<|eot_id|>", "<|reserved_special_token_0|>", "<pad>", "user", "assistant"]
-        tokenizer = word_tokenizer(BASIC_WORDS, specials, LLAMA3_TEMPLATE, bos="<|begin_of_text|>",
-                                   eos="<|eot_id|>", pad="<pad>")
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32,
-                                  hidden_act="quick_gelu")
-        text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-                           pad_token_id=tokenizer.pad_token_id)
-        config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
-                             vision_feature_select_strategy="default",
-                             image_token_id=tokenizer.convert_tokens_to_ids("<|reserved_special_token_0|>"),
-                             pad_token_id=tokenizer.pad_token_id)
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-        with torch.no_grad():  # larger random weights than HF's init, so the image visibly moves the answer
-            for weight in model.parameters():
-                if weight.dim() > 1:
-                    weight.normal_(0, 0.1)
-        return cls(model, tokenizer)
+        return word_tokenizer(BASIC_WORDS, specials, LLAMA3_TEMPLATE, bos="<|begin_of_text|>", eos="<|eot_id|>",
+                              pad="<pad>")
 
     @classmethod
-    def benchmark_config(cls, size: str):
+    def architecture(cls, size: str):
         """full: Intel/llava-llama-3-8b (CLIP ViT-L/14-336 with quick_gelu, Llama-3-8B with the
-        checkpoint's 128320-token vocabulary); mid: the same layout, narrow and shallow."""
+        checkpoint's 128320-token vocabulary); mid: the same layout, narrow and shallow; tiny: CLIP
+        on 32 px with 8 px patches and a 2-layer Llama over the test tokenizer's words."""
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
+        if size == "tiny":
+            tokenizer = cls.test_tokenizer()
+            vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32,
+                                      hidden_act="quick_gelu")
+            text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+                               pad_token_id=tokenizer.pad_token_id)
+            return LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
+                               vision_feature_select_strategy="default",
+                               image_token_id=tokenizer.convert_tokens_to_ids("<|reserved_special_token_0|>"),
+                               pad_token_id=tokenizer.pad_token_id)
         vision, text, image_token_id = {
             "full": (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
                      dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -93,3 +87,9 @@ class LlavaLlama3Adapter(VLMAdapter):
             text_config=LlamaConfig(**text, max_position_embeddings=8192, rms_norm_eps=1e-5,
                                     rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
             image_token_id=image_token_id, vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+    def prepare_tiny(self) -> None:
+        with torch.no_grad():  # larger random weights than HF's init, so the image visibly moves the answer
+            for weight in self.model.parameters():
+                if weight.dim() > 1:
+                    weight.normal_(0, 0.1)

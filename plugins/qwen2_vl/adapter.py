@@ -130,37 +130,32 @@ class Qwen2VLAdapter(VLMAdapter):
         self.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
 
     @classmethod
-    def tiny(cls, seed: int = 0) -> "Qwen2VLAdapter":
-        """Real patch geometry (14 px, temporal 2, merge 2) with tiny widths, run at 56 px."""
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
+    def test_tokenizer(cls):
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                     "<|image_pad|>", "<|video_pad|>", "system", "user", "assistant"]
-        tokenizer = word_tokenizer(BASIC_WORDS + words_of(SYSTEM_PROMPT), specials, QWEN2_VL_TEMPLATE,
-                                   bos=None, eos="<|im_end|>", pad="<|endoftext|>")
-        token = tokenizer.convert_tokens_to_ids
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                      temporal_patch_size=2, spatial_merge_size=2)
-        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                    pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=token("<|im_end|>"),
-                    initializer_range=0.1)  # the merger's norm bounds the image tokens: at 0.02 they hardly count
-        config = Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=token("<|image_pad|>"),
-                               video_token_id=token("<|video_pad|>"),
-                               vision_start_token_id=token("<|vision_start|>"),
-                               vision_end_token_id=token("<|vision_end|>"))
-        torch.manual_seed(seed)
-        adapter = cls(Qwen2VLForConditionalGeneration(config), tokenizer)
-        adapter.use_resolution(56)
-        return adapter
+        return word_tokenizer(BASIC_WORDS + words_of(SYSTEM_PROMPT), specials, QWEN2_VL_TEMPLATE, bos=None,
+                              eos="<|im_end|>", pad="<|endoftext|>")
 
     @classmethod
-    def benchmark_config(cls, size: str):
+    def architecture(cls, size: str):
         """full: Qwen/Qwen2-VL-7B-Instruct; mid: the same layout (patch 14, temporal 2, 2 x 2 merge,
-        M-RoPE), narrow and shallow."""
+        M-RoPE), narrow and shallow; tiny: the real patch geometry with tiny widths, run at 56 px."""
         from transformers import Qwen2VLConfig
 
+        if size == "tiny":
+            tokenizer = cls.test_tokenizer()
+            token = tokenizer.convert_tokens_to_ids
+            vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                          temporal_patch_size=2, spatial_merge_size=2)
+            text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=token("<|im_end|>"),
+                        initializer_range=0.1)  # the merger's norm bounds the image tokens: at 0.02 they hardly count
+            return Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=token("<|image_pad|>"),
+                                 video_token_id=token("<|video_pad|>"),
+                                 vision_start_token_id=token("<|vision_start|>"),
+                                 vision_end_token_id=token("<|vision_end|>"))
         vision, text, rope_section, image_token_id = {
             "full": (dict(depth=32, embed_dim=1280, num_heads=16, hidden_size=3584),
                      dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -178,3 +173,6 @@ class Qwen2VLAdapter(VLMAdapter):
             # vision start, vision end, image and video tokens in the public checkpoint's order
             vision_start_token_id=image_token_id - 3, vision_end_token_id=image_token_id - 2,
             image_token_id=image_token_id, video_token_id=image_token_id + 1)
+
+    def prepare_tiny(self) -> None:
+        self.use_resolution(56)  # 2 x 2 image tokens after the merge: a short prompt

@@ -7,7 +7,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import UserError
 
@@ -50,6 +50,17 @@ def write_file(path: str | os.PathLike, data: str | bytes, *, new: str | None = 
         else:
             partial.write_text(data, encoding="utf-8")
     return Path(path)
+
+
+def check_replaceable(folder: str | os.PathLike, written_here: Callable[[Path], bool], option: str) -> None:
+    """Before long work that will replace `folder` whole: refuse a folder that holds anything
+    else than what this writer makes (`written_here(folder)`), so a mistyped path loses nothing."""
+    folder = Path(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not written_here(folder):
+        raise UserError(f"'{folder}' holds files this command did not write and would replace them; "
+                        f"choose another {option}")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"'{folder}' is a file, not a folder; choose another {option}")
 
 
 class PartialFolder:

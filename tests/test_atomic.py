@@ -42,3 +42,17 @@ def test_a_folder_appears_only_when_complete(tmp_path):
     with atomic_folder(target, replace=True) as folder:
         (folder / "b.txt").write_text("b")
     assert [p.name for p in tmp_path.iterdir()] == ["set"] and [p.name for p in target.iterdir()] == ["b.txt"]
+
+
+def test_long_work_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
+    from mimic_toolkit.atomic import check_replaceable
+
+    ours = lambda folder: (folder / "training.json").is_file()
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.tex").write_text("years of work")
+    with pytest.raises(UserError, match="holds files this command did not write"):
+        check_replaceable(tmp_path / "home", ours, "--out")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "training.json").write_text("{}")
+    check_replaceable(tmp_path / "old", ours, "--out")  # a previous output of the same command
+    check_replaceable(tmp_path / "new", ours, "--out")  # nothing there yet

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mimic_toolkit.atomic import atomic_folder
+from mimic_toolkit.atomic import atomic_folder, check_replaceable
 
 from . import shapes
 
@@ -18,6 +18,7 @@ def write_concept_stats(out: Path, *, images_per_concept: int = 64, seed: int = 
     from mimic_toolkit.engine import load_model
     from mimic_toolkit.features import compute_stats
 
+    check_replaceable(out, lambda folder: all(p.suffix == ".safetensors" for p in folder.iterdir()), "--out")
     adapter = load_model("toy-shapes", device="cpu")
     written = []
     with atomic_folder(out, replace=True) as partial:  # the old set stays whole until the new one is

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, PreTrainedTokenizerFast)
 
-from mimic_toolkit.atomic import atomic_folder
+from mimic_toolkit.atomic import atomic_folder, check_replaceable
 from mimic_toolkit.engine import format_prompt
 
 from ..llava_llama3.adapter import LlavaLlama3Adapter
@@ -209,6 +209,7 @@ def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: i
           vision_lr: float = 3e-3, language_lr: float = 1e-3, tower_lr: float = 3e-4, eval_images: int = 400,
           model_sizes: dict | None = None, log_every: int = 50) -> dict:
     """Train, evaluate on fresh images and save the checkpoint plus `training.json` in `out_dir`."""
+    check_replaceable(out_dir, lambda folder: (folder / "training.json").is_file(), "--out")  # before the long part
     torch.manual_seed(seed)
     started = time.time()
     tokenizer = build_tokenizer()

@@ -13,6 +13,9 @@ from torch.utils.checkpoint import checkpoint
 class MemorySaving:
     """The memory-saving part of `VLMAdapter`."""
 
+    # the attributes of each language-model layer that hold its norms (Llama, Mistral and Qwen2 names)
+    recomputed_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+
     @contextmanager
     def activation_checkpointing(self, level: str):
         """Recompute activations in the backward pass instead of keeping them, while inside.
@@ -44,12 +47,11 @@ class MemorySaving:
                 self.model.eval()
 
     def selectively_recomputed(self) -> list[torch.nn.Module]:
-        """What `activation_checkpointing("selective")` recomputes. The MLP blocks of the vision
-        tower (its feature sites named `*.mlp`) and of the language model: their wide hidden
-        activations are most of what a frozen model keeps, for two of a layer's matmuls. And the
-        language model's RMSNorms, which keep an fp32 copy of their input: recomputed, they keep
-        only the input itself, for a few elementwise operations."""
-        sites = {**self.feature_sites(), **self.lm_sites()}
-        norms = [module for layer in self.language_model.layers for module in layer.children()
-                 if type(module).__name__.endswith("RMSNorm")]
-        return [module for name, module in sites.items() if name.endswith(".mlp")] + norms
+        """What `activation_checkpointing("selective")` recomputes. Every vision-tower and
+        language-model layer's `mlp`: their wide hidden activations are most of what a frozen model
+        keeps, for two of a layer's matmuls. And the language model's norms named in
+        `recomputed_norms`, RMSNorms that keep an fp32 copy of their input: recomputed, they keep
+        only the input itself, for a few elementwise operations. Other layouts override this."""
+        lm_layers = list(self.language_model.layers)
+        mlps = [layer.mlp for layer in [*self.vision_layers, *lm_layers]]
+        return mlps + [getattr(layer, name) for layer in lm_layers for name in self.recomputed_norms]

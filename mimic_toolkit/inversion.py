@@ -22,6 +22,9 @@ from .lm import LMRecorder
 from .terms import StepContext
 
 
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's per-parameter state besides its step
+
+
 @dataclass
 class ActiveTerm:
     name: str
@@ -161,15 +164,33 @@ class Inversion:
 
     # -- resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {"step": self.step, "images": self.images.detach().cpu(),
-                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
+        """Everything a bit-identical resume needs, as the step and flat tensors (nothing that needs
+        pickle): the images (and the latent, when it is not the pixels), Adam's moments, the RNG."""
+        tensors = {"images": self.images.detach().cpu(), "generator": self.generator.get_state()}
         if self.config.parameterisation != "pixel":
-            state["latent"] = self.latent.detach().cpu()  # what is optimised, when it is not the pixels
-        return state
+            tensors["latent"] = self.latent.detach().cpu()
+        adam = self.optimizer.state[self.latent]
+        for key in ADAM_MOMENTS:
+            tensors[key] = adam[key].detach().cpu()
+        return {"step": self.step, "tensors": tensors}
+
+    def state_layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The shape and dtype of each tensor `state_dict` holds (after the first step)."""
+        latent = (tuple(self.latent.shape), self.latent.dtype)
+        layout = {"images": (tuple(self.images.shape), self.images.dtype),
+                  "generator": (tuple(self.generator.get_state().shape), torch.uint8),
+                  **{key: latent for key in ADAM_MOMENTS}}
+        if self.config.parameterisation != "pixel":
+            layout["latent"] = latent
+        return layout
 
     def load_state_dict(self, state: dict) -> None:
+        tensors = state["tensors"]
         with torch.no_grad():
-            self.latent.copy_(state.get("latent", state["images"]).to(self.latent.device))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+            self.latent.copy_(tensors.get("latent", tensors["images"]).to(self.latent.device))
+        # Adam's parameter groups follow from the config (the lr is set every step), and it steps
+        # once per inversion step: only the moments are stored
+        self.optimizer.state[self.latent] = {"step": torch.tensor(float(state["step"])),
+                                             **{key: tensors[key].to(self.latent) for key in ADAM_MOMENTS}}
+        self.generator.set_state(tensors["generator"])
         self.step = int(state["step"])

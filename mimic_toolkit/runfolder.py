@@ -17,6 +17,9 @@ from PIL import Image
 
 from .atomic import PARTIAL, PartialFolder, atomic_file, refuse_existing, write_file
 from .errors import UserError
+from .tensorfile import read_safetensors
+
+CHECKPOINT_FORMAT = "mimic-checkpoint/1"
 
 
 class RunFolder(PartialFolder):
@@ -52,7 +55,7 @@ class RunFolder(PartialFolder):
     # -- files -----------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
-        return self.path / f"checkpoint{self.tag}.pt"
+        return self.path / f"checkpoint{self.tag}.safetensors"
 
     @property
     def metrics_path(self) -> Path:
@@ -62,7 +65,14 @@ class RunFolder(PartialFolder):
         write_file(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     def read_config(self) -> dict:
-        return yaml.safe_load((self.path / "config.yaml").read_text())
+        path = self.path / "config.yaml"
+        try:
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise UserError(f"'{path}' is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        if not isinstance(config, dict):
+            raise UserError(f"'{path}' must hold a mapping of settings")
+        return config
 
     def write_manifest(self, manifest: dict) -> None:
         write_file(self.path / "manifest.json", json.dumps(manifest, indent=2))
@@ -83,12 +93,30 @@ class RunFolder(PartialFolder):
             write_file(self.metrics_path, "".join(r + "\n" for r in rows))
 
     def save_checkpoint(self, state: dict) -> None:
-        with atomic_file(self.checkpoint_path) as partial:
-            torch.save(state, partial)
+        """`Inversion.state_dict()` as safetensors (a format that cannot carry code), the step in
+        its metadata; written beside the last one and renamed, so that one stays intact."""
+        from safetensors.torch import save
 
-    def load_checkpoint(self) -> dict:
-        # weights_only: a checkpoint can hold tensors and plain data, never code
-        return torch.load(self.checkpoint_path, weights_only=True, map_location="cpu")
+        tensors = {key: value.contiguous() for key, value in state["tensors"].items()}
+        write_file(self.checkpoint_path, save(tensors, metadata={"format": CHECKPOINT_FORMAT,
+                                                                 "step": str(state["step"])}))
+
+    def load_checkpoint(self, layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict:
+        """The saved state, checked to hold exactly the tensors of `layout` (name -> shape, dtype)."""
+        tensors, meta = read_safetensors(self.checkpoint_path, "checkpoint", format=CHECKPOINT_FORMAT)
+        where = f"'{self.checkpoint_path}'"
+        if not meta.get("step", "").isdigit() or int(meta["step"]) < 1:
+            raise UserError(f"{where} has no valid step (metadata 'step' is {meta.get('step')!r})")
+        for name, (shape, dtype) in layout.items():
+            if name not in tensors:
+                raise UserError(f"{where} misses '{name}'")
+            if tuple(tensors[name].shape) != shape or tensors[name].dtype != dtype:
+                raise UserError(f"{where}: '{name}' is {tuple(tensors[name].shape)} {tensors[name].dtype}, "
+                                f"this run's settings need {shape} {dtype}")
+        unknown = sorted(set(tensors) - set(layout))
+        if unknown:
+            raise UserError(f"{where} holds '{unknown[0]}', which this run does not have")
+        return {"step": int(meta["step"]), "tensors": tensors}
 
     def save_images(self, images01: torch.Tensor) -> list[Path]:
         prefix = f"rank{self.rank}_" if self.world_size > 1 else ""

@@ -156,11 +156,7 @@ def _use_resolution(adapter, config: InversionConfig, spec: AdapterSpec) -> None
 
 def _restore(inversion, run: RunFolder) -> dict:
     """A resumed run: its checkpoint's state, its metrics up to it, its manifest."""
-    state = run.load_checkpoint()
-    if tuple(state["images"].shape) != tuple(inversion.images.shape):
-        raise UserError(f"'{run.path}': its checkpoint holds images of shape {tuple(state['images'].shape)}, "
-                        f"its config asks for {tuple(inversion.images.shape)}")
-    inversion.load_state_dict(state)
+    inversion.load_state_dict(run.load_checkpoint(inversion.state_layout()))
     run.truncate_metrics(inversion.step)
     return run.read_manifest()
 

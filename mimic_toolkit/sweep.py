@@ -12,6 +12,7 @@ from .errors import UserError
 from .htmlkit import heading, image, link, page, table
 from .prompts import IMAGENET_PROMPTS, load_prompts
 from .registry import Registry
+from .runfolder import RunFolder
 from .session import Processes, build_config, load_configured, run_inversion
 
 
@@ -53,7 +54,7 @@ def run_sweep(registry: Registry, config: InversionConfig, folder: Path, classes
             continue
         adapter = adapter or load_configured(registry, config, Processes(config.device).device)
         settings = replace(config, class_index=class_index, prompts=prompts, outputs=str(final), scales=dict(config.scales))
-        resume = str(partial) if (partial / "checkpoint.pt").is_file() else None
+        resume = str(partial) if RunFolder(final).checkpoint_path.is_file() else None
         if partial.is_dir() and not resume:
             raise UserError(f"'{partial}' is an unfinished run without a checkpoint; remove it to start the class again")
         if resume:  # the interrupted run must have been made with these same settings

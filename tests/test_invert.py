@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from mimic_toolkit.config import resolve
 from mimic_toolkit.inversion import ActiveTerm, Inversion
@@ -99,15 +101,15 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tiny_checkpoint,
     with pytest.raises(Interrupted, match="step 5"):
         run_inversion(registry, config, stop_requested=ctrl_c_at_step_5)
     partial = tmp_path / "b.partial"
-    assert not (tmp_path / "b").exists() and (partial / "checkpoint.pt").is_file()
-    assert torch.load(partial / "checkpoint.pt", weights_only=True)["step"] == 5
+    assert not (tmp_path / "b").exists() and (partial / "checkpoint.safetensors").is_file()
+    assert safe_open(partial / "checkpoint.safetensors", "pt").metadata()["step"] == "5"
 
     resumed = run_inversion(registry, build_config(registry, {}, resume=str(partial)), resume=str(partial))
     assert resumed == tmp_path / "b" and not partial.exists()
     for name in ("00.png", "01.png"):
         assert (straight / "images" / name).read_bytes() == (resumed / "images" / name).read_bytes()
-    a = torch.load(straight / "checkpoint.pt", weights_only=True)["images"]
-    b = torch.load(resumed / "checkpoint.pt", weights_only=True)["images"]
+    a = load_file(straight / "checkpoint.safetensors")["images"]
+    b = load_file(resumed / "checkpoint.safetensors")["images"]
     assert torch.equal(a, b)
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 4, 6, 8]  # no duplicates from the steps replayed after the checkpoint
@@ -118,7 +120,7 @@ def test_run_folder_holds_everything_a_user_needs(tiny_checkpoint, tmp_path):
     folder = run_inversion(registry, build_config(registry, _settings(tiny_checkpoint, tmp_path / "run")))
     names = {p.name for p in folder.iterdir()}
     assert {"config.yaml", "manifest.json", "metrics.jsonl", "images", "grids", "report.html",
-            "checkpoint.pt"} <= names
+            "checkpoint.safetensors"} <= names
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["model"] == "llava-llama3" and manifest["seed"] == 0
     assert manifest["packages"]["torch"] and manifest["timings"][0]["steps"] == 8

@@ -36,7 +36,7 @@ def test_a_restarted_shard_skips_finished_classes_and_resumes_the_interrupted_on
 
     with pytest.raises(Interrupted):
         run_sweep(registry, settings, folder, [1, 207], (0, 1), stop_requested=stop_in_second_class, say=lambda m: None)
-    assert (folder / "c1" / "report.html").is_file() and (folder / "c207.partial" / "checkpoint.pt").is_file()
+    assert (folder / "c1" / "report.html").is_file() and (folder / "c207.partial" / "checkpoint.safetensors").is_file()
 
     said = []
     done = run_sweep(registry, settings, folder, [1, 207], (0, 1), say=said.append)

@@ -1,0 +1,131 @@
+"""Hostile inputs and faults (issue 12): each ends in exactly one `error:` line and exit code 2, with
+no traceback, and leaves every file as it was; a resumable run stays resumable to the bit-identical end."""
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from mimic_toolkit.cli import app
+from mimic_toolkit.registry import build_registry
+from mimic_toolkit.session import Interrupted, build_config, run_inversion
+
+RUN = ["invert", "--iterations", "4", "--batch-size", "1", "--quiet"]  # the bundled toy model, on CPU
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def fails(result, *fragments):
+    """Exit 2 with one `error:` line naming the problem, and no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run every resumed one must match."""
+    folder = tmp_path_factory.mktemp("straight") / "run"
+    assert invoke(*RUN, "--outputs", folder).exit_code == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A run stopped (Ctrl-C) after step 2: its `.partial` folder with a checkpoint."""
+    folder = tmp_path_factory.mktemp("interrupted") / "run"
+    registry = build_registry()
+    config = build_config(registry, {"iterations": 4, "batch_size": 1, "outputs": str(folder)})
+    calls = []
+    with pytest.raises(Interrupted):
+        run_inversion(registry, config, stop_requested=lambda: calls.append(1) or len(calls) == 2)
+    return folder.with_name("run.partial")
+
+
+@pytest.fixture
+def partial(interrupted, tmp_path):
+    copy = tmp_path / "run.partial"
+    shutil.copytree(interrupted, copy)
+    return copy
+
+
+def resumes_to_the_same_end(partial: Path, straight: Path):
+    assert invoke("invert", "--resume", partial, "--quiet").exit_code == 0
+    final = partial.with_name("run")
+    for image in (straight / "images").iterdir():
+        assert (final / "images" / image.name).read_bytes() == image.read_bytes()
+
+
+class Payload:
+    """Unpickling it would run code (it must never be)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _rewrite(drop=(), replace=None, step="2"):
+    def corrupt(path: Path):
+        tensors = {k: v for k, v in load_file(path).items() if k not in drop}
+        tensors.update(replace or {})
+        save_file(tensors, path, metadata={"format": "mimic-checkpoint/1", "step": step})
+    return corrupt
+
+
+CHECKPOINT_FAULTS = {
+    "pickle": (lambda path: path.write_bytes(pickle.dumps(Payload(path.parent / "pwned"))), "truncated or damaged"),
+    "truncated": (lambda path: path.write_bytes(path.read_bytes()[:1000]), "truncated or damaged"),
+    "empty": (lambda path: path.write_bytes(b""), "truncated or damaged"),
+    "garbage-header": (lambda path: path.write_bytes((40).to_bytes(8, "little") + b"{" * 40), "truncated or damaged"),
+    "missing-images": (_rewrite(drop=("images",)), "misses 'images'"),
+    "wrong-shape": (_rewrite(replace={"exp_avg": torch.zeros(3)}), "'exp_avg' is (3,)"),
+    "extra-tensor": (_rewrite(replace={"code": torch.zeros(1)}), "holds 'code'"),
+    "bad-step": (_rewrite(step="two"), "no valid step"),
+    "other-format": (lambda path: save_file({"images": torch.zeros(1)}, path), "is not a checkpoint"),
+}
+
+
+@pytest.mark.parametrize("fault", CHECKPOINT_FAULTS)
+def test_a_bad_checkpoint_is_one_line_and_nothing_runs(partial, fault):
+    corrupt, message = CHECKPOINT_FAULTS[fault]
+    corrupt(partial / "checkpoint.safetensors")
+    before = snapshot(partial)
+    fails(invoke("invert", "--resume", partial, "--quiet"), message, "checkpoint.safetensors")
+    assert snapshot(partial) == before and not (partial / "pwned").exists()
+
+
+CONFIG_FAULTS = {
+    "python-tag": ("!!python/object/apply:os.system ['touch pwned']\n", "not valid YAML"),
+    "not-yaml": ("model: [unclosed\n", "not valid YAML"),
+    "not-a-mapping": ("- 1\n- 2\n", "mapping of settings"),
+}
+
+
+@pytest.mark.parametrize("fault", CONFIG_FAULTS)
+def test_a_bad_run_config_is_one_line(partial, straight, fault):
+    text, message = CONFIG_FAULTS[fault]
+    good = (partial / "config.yaml").read_text()
+    (partial / "config.yaml").write_text(text)
+    fails(invoke("invert", "--resume", partial, "--quiet"), message, "config.yaml")
+    assert not (partial / "pwned").exists()
+    (partial / "config.yaml").write_text(good)
+    resumes_to_the_same_end(partial, straight)
+
+
+def test_an_old_pickled_checkpoint_is_not_resumable(partial):
+    (partial / "checkpoint.safetensors").rename(partial / "checkpoint.pt")
+    fails(invoke("invert", "--resume", partial, "--quiet"), "not a resumable run", "checkpoint.safetensors")

@@ -15,6 +15,7 @@ from .adapter import VLMAdapter
 from .atomic import write_file
 from .errors import UserError
 from .hooks import SiteHooks
+from .tensorfile import read_safetensors
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 FORMAT = "mimic-feature-stats/1"
@@ -74,21 +75,28 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
-        from safetensors import SafetensorError
-        from safetensors.torch import load
-
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"statistics file '{path}' does not exist")
+        """The file's metadata and tensors, checked once here: the rest of the toolkit relies on them."""
+        tensors, meta = read_safetensors(path, "feature-statistics file", format=FORMAT)
+        where = f"'{path}'"
+        for key in ("model", "sites", "resolution"):
+            if key not in meta:
+                raise UserError(f"{where} misses its '{key}' metadata")
         try:
-            data = path.read_bytes()
-            tensors = load(data)
-            meta = _read_metadata(data)
-        except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
-            raise UserError(f"'{path}' is not a feature-statistics file ({exc})") from exc
-        if meta.get("format") != FORMAT:
-            raise UserError(f"'{path}' is not a feature-statistics file (format is {meta.get('format')!r})")
-        sites = json.loads(meta["sites"])
+            sites = json.loads(meta["sites"])
+        except json.JSONDecodeError:
+            sites = None
+        if not isinstance(sites, list) or not sites or not all(isinstance(s, str) for s in sites):
+            raise UserError(f"{where}: its 'sites' metadata must be a JSON list of site names, not {meta['sites']!r}")
+        if not meta["resolution"].isdigit() or int(meta["resolution"]) < 1:
+            raise UserError(f"{where}: its 'resolution' metadata must be a positive integer, not {meta['resolution']!r}")
+        for site in sites:
+            for part in ("mean", "var"):
+                tensor = tensors.get(f"{site}/{part}")
+                if tensor is None:
+                    raise UserError(f"{where} misses the tensor '{site}/{part}'")
+                if tensor.ndim != 1 or tensor.shape != tensors[f"{site}/mean"].shape or not tensor.isfinite().all():
+                    raise UserError(f"{where}: '{site}/{part}' must be finite numbers, one per channel "
+                                    f"(is {tuple(tensor.shape)})")
         return cls({s: tensors[f"{s}/mean"] for s in sites}, {s: tensors[f"{s}/var"] for s in sites}, meta)
 
     @classmethod
@@ -100,12 +108,8 @@ class FeatureStats:
             return cls.load(folder)
         matches = []
         for path in sorted(folder.glob("*.safetensors")):
-            try:
-                with path.open("rb") as f:  # only the header: the tensors are not needed to choose
-                    header_len = int.from_bytes(f.read(8), "little")
-                    meta = json.loads(f.read(header_len)).get("__metadata__", {})
-            except (ValueError, AttributeError) as exc:
-                raise UserError(f"'{path}' is not a feature-statistics file ({exc})") from exc
+            # only the header: the tensors are not needed to choose
+            _, meta = read_safetensors(path, "feature-statistics file", tensors=False)
             if meta.get("model") == model_id and meta.get("class_index") == str(class_index):
                 matches.append(path)
         if len(matches) > 1:
@@ -144,11 +148,6 @@ class FeatureStats:
             if mean.shape[-1] != self.mean[site].shape[-1]:
                 raise UserError(f"{where}: site {site} has {self.mean[site].shape[-1]} channels, "
                                 f"the model has {mean.shape[-1]} (another checkpoint size?)")
-
-
-def _read_metadata(data: bytes) -> dict[str, str]:
-    header_len = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + header_len]).get("__metadata__", {})
 
 
 def adapter_revision(adapter: VLMAdapter) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -129,3 +130,42 @@ def test_a_bad_run_config_is_one_line(partial, straight, fault):
 def test_an_old_pickled_checkpoint_is_not_resumable(partial):
     (partial / "checkpoint.safetensors").rename(partial / "checkpoint.pt")
     fails(invoke("invert", "--resume", partial, "--quiet"), "not a resumable run", "checkpoint.safetensors")
+
+
+def _stats_file(tmp_path, meta=None, drop=(), replace=None):
+    """A copy of the toy model's class-0 statistics with its metadata or tensors changed."""
+    good = next(Path(build_registry().default_model().stats).glob("toy-shapes-c0-*.safetensors"))
+    tensors = {k: v for k, v in load_file(good).items() if k not in drop}
+    tensors.update(replace or {})
+    with safe_open(good, "pt") as f:
+        metadata = {k: v for k, v in {**f.metadata(), **(meta or {})}.items() if v is not None}
+    path = tmp_path / "stats" / good.name
+    path.parent.mkdir()
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+STATS_FAULTS = {
+    "no-sites": (dict(meta={"sites": None}), "misses its 'sites' metadata"),
+    "sites-not-a-list": (dict(meta={"sites": '{"a": 1}'}), "'sites' metadata must be a JSON list"),
+    "sites-not-json": (dict(meta={"sites": "vision.patch_embedding"}), "'sites' metadata must be a JSON list"),
+    "resolution-not-an-integer": (dict(meta={"resolution": "64px"}), "'resolution' metadata must be a positive integer"),
+    "missing-tensor": (dict(drop=("vision.patch_embedding/mean",)), "misses the tensor 'vision.patch_embedding/mean'"),
+    "nan-tensor": (dict(replace={"vision.patch_embedding/var": torch.full((64,), float("nan"))}),
+                   "'vision.patch_embedding/var' must be finite"),
+}
+
+
+@pytest.mark.parametrize("fault", STATS_FAULTS)
+@pytest.mark.parametrize("given", ["file", "folder"])
+def test_a_bad_statistics_file_is_one_line(tmp_path, fault, given):
+    change, message = STATS_FAULTS[fault]
+    path = _stats_file(tmp_path, **change)
+    fails(invoke(*RUN, "--stats", path if given == "file" else path.parent, "--outputs", tmp_path / "run"), message)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_a_statistics_folder_with_a_garbage_header_is_one_line(tmp_path):
+    path = _stats_file(tmp_path)
+    path.write_bytes((20).to_bytes(8, "little") + b'"just a json string"')
+    fails(invoke(*RUN, "--stats", path.parent, "--outputs", tmp_path / "run"), "truncated or damaged", path.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .adapter import VLMAdapter
 from .atomic import write_file
-from .errors import UserError
+from .errors import UserError, shown
 from .hooks import SiteHooks
 from .tensorfile import read_safetensors
 
@@ -165,6 +166,18 @@ def find_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
+def open_rgb(path: Path) -> Image.Image:
+    """The image at `path` in RGB; an unreadable one is a UserError naming it. A decompression bomb
+    (more pixels than PIL's limit, even at the level PIL only warns) is unreadable too."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise UserError(f"unreadable image '{shown(path)}': {type(exc).__name__}") from exc
+
+
 def compute_stats(adapter: VLMAdapter, model_id: str, folder: str | os.PathLike, *,
                   resolution: int | None = None, batch_size: int = 32, class_index: int | None = None,
                   feature_sites: str | None = None, on_skip=print) -> FeatureStats:
@@ -183,10 +196,9 @@ def compute_stats(adapter: VLMAdapter, model_id: str, folder: str | os.PathLike,
         images = []
         for path in files[start:start + batch_size]:
             try:
-                with Image.open(path) as image:
-                    images.append(image.convert("RGB"))
-            except (UnidentifiedImageError, OSError) as exc:
-                on_skip(f"skipped unreadable image {path}: {type(exc).__name__}")
+                images.append(open_rgb(path))
+            except UserError as exc:
+                on_skip(f"skipped {exc}")
         if not images:
             continue
         with torch.no_grad(), FeatureRecorder(adapter, len(images), sites) as recorder:
@@ -198,11 +210,11 @@ def compute_stats(adapter: VLMAdapter, model_id: str, folder: str | os.PathLike,
         used += len(images)
     if not used:
         raise UserError(f"no readable images in '{folder}'")
-    listing = "\n".join(str(p.relative_to(folder)) for p in files)
+    listing = b"\n".join(os.fsencode(p.relative_to(folder)) for p in files)
     meta = {"format": FORMAT, "model": model_id, "revision": adapter_revision(adapter),
             "sites": json.dumps(list(sums)), "feature_sites": feature_sites or DEFAULT_FEATURE_SITES,
             "resolution": str(side), "image_count": str(used),
-            "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+            "files_sha256": hashlib.sha256(listing).hexdigest()}
     if class_index is not None:
         meta["class_index"] = str(class_index)
     return FeatureStats({s: (m / used).float() for s, (m, _) in sums.items()},

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .adapter import VLMAdapter
 from .atomic import PartialFolder, refuse_existing
 from .engine import format_prompt
 from .errors import UserError
-from .features import adapter_revision, find_images
+from .features import adapter_revision, find_images, open_rgb
 from .lm import LMRecorder
 
 FORMAT = "mimic-features/1"
@@ -193,14 +193,7 @@ def until_end(adapter: VLMAdapter, ids: list[int]) -> list[int]:
 
 
 def open_images(batch: list[Sample]) -> list[Image.Image]:
-    images = []
-    for sample in batch:
-        try:
-            with Image.open(sample.image) as image:
-                images.append(image.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise UserError(f"cannot read image '{sample.image}': {type(exc).__name__}") from exc
-    return images
+    return [open_rgb(sample.image) for sample in batch]
 
 
 @torch.no_grad()

@@ -1,11 +1,13 @@
 """Hostile inputs and faults (issue 12): each ends in exactly one `error:` line and exit code 2, with
 no traceback, and leaves every file as it was; a resumable run stays resumable to the bit-identical end."""
+import os
 import pickle
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -169,3 +171,45 @@ def test_a_statistics_folder_with_a_garbage_header_is_one_line(tmp_path):
     path = _stats_file(tmp_path)
     path.write_bytes((20).to_bytes(8, "little") + b'"just a json string"')
     fails(invoke(*RUN, "--stats", path.parent, "--outputs", tmp_path / "run"), "truncated or damaged", path.name)
+
+
+@pytest.fixture
+def image_folder(tmp_path, monkeypatch):
+    """A good image, a decompression bomb (and one at PIL's warning level) and a broken image whose
+    name is not valid UTF-8; PIL's pixel limit is lowered so that the bombs stay small."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (30, 30), "red").save(folder / "good.png")
+    Image.new("RGB", (64, 64)).save(folder / "bomb.png")  # over twice the limit: PIL's error
+    Image.new("RGB", (40, 40)).save(folder / "bomb-warning.png")  # over the limit: PIL's warning
+    (folder / os.fsdecode(b"broken-\xff.png")).write_bytes(b"not a png")
+    return folder
+
+
+def test_unreadable_images_are_skipped_and_named(image_folder, tmp_path):
+    result = invoke("stats", "--images", image_folder, "--out", tmp_path / "stats")
+    assert result.exit_code == 0, result.output
+    assert "1 images" in result.stdout and "Traceback" not in result.output + result.stderr
+    assert sorted(line.rsplit("/", 1)[-1] for line in result.stderr.splitlines()) == [
+        "bomb-warning.png': DecompressionBombWarning", "bomb.png': DecompressionBombError",
+        "broken-\\xff.png': UnidentifiedImageError"]
+
+
+def test_a_folder_of_only_unreadable_images_is_one_line(image_folder, tmp_path):
+    (image_folder / "good.png").unlink()
+    result = invoke("stats", "--images", image_folder, "--out", tmp_path / "stats")
+    assert result.exit_code == 2 and result.stderr.splitlines()[-1].startswith("error: no readable images")
+    assert "Traceback" not in result.output + result.stderr and not (tmp_path / "stats").exists()
+
+
+def test_capture_names_an_unreadable_image(image_folder):
+    from mimic_toolkit.errors import UserError
+    from mimic_toolkit.lm_capture import load_samples, open_images
+
+    samples = {sample.image.name: sample for sample in load_samples(images=image_folder)}
+    assert len(open_images([samples["good.png"]])) == 1
+    for name in ("bomb.png", "bomb-warning.png", os.fsdecode(b"broken-\xff.png")):
+        with pytest.raises(UserError, match="unreadable image") as error:
+            open_images([samples[name]])
+        str(error.value).encode("utf-8")  # printable

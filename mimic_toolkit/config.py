@@ -2,6 +2,7 @@
 `--config FILE` < command-line flags. The resolved config is saved in the run folder."""
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -17,12 +18,13 @@ PANELS = WHAT, OPTIMISATION, OBJECTIVE, RUN = "What to invert", "Optimisation", 
 
 
 def setting(default=MISSING, help: str = "", panel: str = RUN, *, short: str | None = None, path: bool = False,
-            flag: bool = True, default_factory=MISSING):
+            flag: bool = True, default_factory=MISSING, valid: tuple = (None, None)):
     """A config field with its documentation, from which the CLI derives its option (`--field-name`,
     booleans `--name/--no-name`): `short` adds an alias, `path` takes a path (stored as a string),
-    `flag=False` makes it a config-file setting only."""
+    `flag=False` makes it a config-file setting only. `valid`: a number's (lowest, highest) value,
+    None for no bound (every float must also be finite)."""
     return field(default=default, default_factory=default_factory,
-                 metadata={"help": help, "panel": panel, "short": short, "path": path, "flag": flag})
+                 metadata={"help": help, "panel": panel, "short": short, "path": path, "flag": flag, "valid": valid})
 
 
 @dataclass
@@ -45,18 +47,20 @@ class InversionConfig:
     objective: str | None = setting(None, "Maximise a direction inside the LM instead of the answer (the lm "
                                     "term): concept:FILE:K | neuron:lm.I:J | direction:FILE.", WHAT)
     objective_positions: str = setting("last-prompt", "Where the objective reads: last-prompt | image.", WHAT)
-    iterations: int = setting(5000, "Optimisation steps.", OPTIMISATION)
-    batch_size: int = setting(4, "Images optimised together.", OPTIMISATION)
+    iterations: int = setting(5000, "Optimisation steps.", OPTIMISATION, valid=(1, None))
+    batch_size: int = setting(4, "Images optimised together.", OPTIMISATION, valid=(1, None))
+    # 0 <= min_lr <= lr, lr > 0: checked together
     lr: float = setting(0.3, "Initial learning rate (cosine decay).", OPTIMISATION)
     min_lr: float = setting(1e-5, "Final learning rate.", OPTIMISATION)
-    jitter: int = setting(30, "Random shift in pixels (reflect-padded).", OPTIMISATION)
+    # below the image side too (a reflect pad must be smaller than the image): checked with the resolution
+    jitter: int = setting(30, "Random shift in pixels (reflect-padded).", OPTIMISATION, valid=(0, None))
     flip: bool = setting(True, "Random horizontal flips.", OPTIMISATION)
-    seed: int = setting(0, "Random seed.", OPTIMISATION)
+    seed: int = setting(0, "Random seed.", OPTIMISATION, valid=(0, 2 ** 63 - 1))  # torch's seeds are 64-bit
     init: str = setting("noise", "noise (standard normal; 0.01 on the spectrum for fourier) | blank", OPTIMISATION)
     parameterisation: str = setting(
         "pixel", "pixel (optimise the pixels: the paper's) | fourier (a 1/f-scaled spectrum behind a sigmoid: "
         "smooth, large structures rather than pixel-level noise)", OPTIMISATION)
-    resolution: int | None = setting(None, "Image side (default: the model's native).", OPTIMISATION)
+    resolution: int | None = setting(None, "Image side (default: the model's native).", OPTIMISATION, valid=(1, None))
     scales: dict[str, float] = setting(help="Objective term -> scale (0 = off); on the command line --scale "
                                        "NAME=VALUE and --TERM-loss-scale.", flag=False, default_factory=dict)
     feature_form: str = setting("l2", "l2 (the paper's L_base) | kl (a per-channel Gaussian KL)", OBJECTIVE)
@@ -75,22 +79,28 @@ class InversionConfig:
     trust_remote_code: bool = setting(False, "Run the checkpoint's own modelling code (transformers' "
                                       "trust_remote_code).")
     outputs: str | None = setting(None, "Run folder (default runs/<model>-<class>-<time>).", path=True)
-    log_every: int = setting(50, "Log metrics every N steps.")
-    grid_every: int = setting(500, "Save an image grid every N steps.")
-    checkpoint_every: int = setting(500, "Save a resumable checkpoint every N steps.")
+    log_every: int = setting(50, "Log metrics every N steps.", valid=(1, None))
+    grid_every: int = setting(500, "Save an image grid every N steps.", valid=(1, None))
+    checkpoint_every: int = setting(500, "Save a resumable checkpoint every N steps.", valid=(1, None))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def validate(self, known_terms) -> None:
-        positive = ("iterations", "batch_size", "log_every", "grid_every", "checkpoint_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"{name.replace('_', '-')} must be at least 1")
+        """Every setting's range and choices, before anything loads."""
+        for f in fields(self):
+            value, (low, high) = getattr(self, f.name), f.metadata["valid"]
+            name = f.name.replace("_", "-")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{name} must be a finite number, not {value}")
+            if value is not None and (low is not None and value < low or high is not None and value > high):
+                bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+                raise UserError(f"{name} must be {bounds}, not {value}")
+        for term, scale in self.scales.items():
+            if not math.isfinite(scale):
+                raise UserError(f"the scale of '{term}' must be a finite number, not {scale}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise UserError(f"need 0 <= min-lr <= lr and lr > 0 (lr={self.lr}, min-lr={self.min_lr})")
-        if self.jitter < 0:
-            raise UserError("jitter must be >= 0")
         if self.init not in ("noise", "blank"):
             raise UserError(f"init must be 'noise' or 'blank', not '{self.init}'")
         if self.parameterisation not in ("pixel", "fourier"):
@@ -133,6 +143,8 @@ def normalise_keys(data: dict, where: str) -> dict:
         name = str(key).replace("-", "_")
         if name not in FIELDS:
             raise UserError(f"{where}: unknown setting '{key}'")
+        if name == "scales" and not isinstance(value, (dict, type(None))):  # merged before types are checked
+            raise UserError(f"{where}: 'scales' must be a mapping of term names to numbers, not {value!r}")
         out[name] = value
     return out
 

@@ -49,7 +49,9 @@ def build_config(registry: Registry, flags: dict, config_file: str | None = None
                     key == "scales" and all(stored["scales"].get(t) == s for t, s in value.items())):
                 raise UserError(f"--resume: run '{resume}' was made with {key}={stored[key]!r}, "
                                 f"not {value!r}; start a new run to change it")
-        return resolve([stored, {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}])
+        config = resolve([stored, {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}])
+        config.validate(registry.objective_specs())  # the stored file may have been edited
+        return config
     spec = registry.adapter_spec(given["model"]) if given.get("model") else registry.default_model()
     terms = registry.objective_specs()
     term_layer = {"scales": {name: t.default_scale for name, t in terms.items()}}
@@ -148,6 +150,8 @@ def _run_folder(config: InversionConfig, spec: AdapterSpec, concept, procs: Proc
 
 def _use_resolution(adapter, config: InversionConfig, spec: AdapterSpec) -> None:
     config.resolution = config.resolution or adapter.resolution
+    if config.jitter >= config.resolution:  # the reflect pad must be smaller than the image
+        raise UserError(f"jitter must be smaller than the image side {config.resolution}, not {config.jitter}")
     if config.resolution % adapter.patch_size:
         raise UserError(f"resolution {config.resolution} is not a multiple of the patch size "
                         f"{adapter.patch_size} of '{spec.id}'")

@@ -213,3 +213,38 @@ def test_capture_names_an_unreadable_image(image_folder):
         with pytest.raises(UserError, match="unreadable image") as error:
             open_images([samples[name]])
         str(error.value).encode("utf-8")  # printable
+
+
+SETTING_FAULTS = {
+    "lr-nan": (["--lr", "nan"], "lr must be a finite number"),
+    "lr-inf": (["--lr", "inf", "--min-lr", "0"], "lr must be a finite number"),
+    "min-lr-nan": (["--min-lr", "nan"], "min-lr must be a finite number"),
+    "scale-nan": (["--scale", "main=nan"], "the scale of 'main' must be a finite number"),
+    "term-scale-inf": (["--tv-l1-loss-scale", "inf"], "the scale of 'tv_l1' must be a finite number"),
+    "jitter-too-large": (["--jitter", "64"], "jitter must be smaller than the image side 64"),
+    "seed-negative": (["--seed", "-1"], "seed must be from 0 to"),
+    "seed-beyond-64-bits": (["--seed", str(2 ** 64)], "seed must be from 0 to"),
+    "resolution-zero": (["--resolution", "0"], "resolution must be at least 1"),
+    "resolution-negative": (["--resolution", "-32"], "resolution must be at least 1"),
+    "batch-size-zero": (["--batch-size", "0"], "batch-size must be at least 1"),
+    "yaml-nan": ("lr: .nan\n", "lr must be a finite number"),
+    "yaml-inf-scale": ("scales: {feature: .inf}\n", "the scale of 'feature' must be a finite number"),
+    "yaml-scales-list": ("scales: [1, 2]\n", "'scales' must be a mapping"),
+    "yaml-scales-number": ("scales: 3\n", "'scales' must be a mapping"),
+}
+
+
+@pytest.mark.parametrize("fault", SETTING_FAULTS)
+def test_a_setting_out_of_its_range_is_one_line(tmp_path, fault):
+    given, message = SETTING_FAULTS[fault]
+    if isinstance(given, str):  # a config file
+        (tmp_path / "run.yaml").write_text(given)
+        given = ["--config", tmp_path / "run.yaml"]
+    fails(invoke(*RUN, *given, "--outputs", tmp_path / "run"), message)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_an_edited_run_config_is_checked_on_resume(partial):
+    config = partial / "config.yaml"
+    config.write_text(config.read_text().replace("lr: 0.05", "lr: .nan"))
+    fails(invoke("invert", "--resume", partial, "--quiet"), "lr must be a finite number")

@@ -26,17 +26,28 @@ def refuse_existing(path: Path, option: str) -> None:
 
 
 @contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """A write that fails in the file system (a full disk, a read-only one, a parent that is a
+    file) is one line naming the path and what happened."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"cannot write '{path}': {os.strerror(exc.errno) if exc.errno else exc}") from exc
+
+
+@contextmanager
 def atomic_file(path: str | os.PathLike, *, new: str | None = None) -> Iterator[Path]:
     """Yields the `.partial` path to write; it replaces `path` when the block succeeds and is removed
     when it fails. `new` (the flag that picks another name) refuses an existing `path`."""
     path = Path(path)
     if new:
         refuse_existing(path, new)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(path)
     try:
-        yield partial
-        partial.replace(path)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield partial
+            partial.replace(path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -74,7 +85,8 @@ class PartialFolder:
     def start(self) -> Path:
         """An empty `.partial` folder; the debris of an interrupted attempt is removed first."""
         shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True)
+        with writing(self.path):
+            self.path.mkdir(parents=True)
         return self.path
 
     def finish(self, *, replace: bool = False) -> Path:

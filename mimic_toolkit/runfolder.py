@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from .atomic import PARTIAL, PartialFolder, atomic_file, refuse_existing, write_file
+from .atomic import PARTIAL, PartialFolder, atomic_file, refuse_existing, write_file, writing
 from .errors import UserError
 from .tensorfile import read_safetensors
 
@@ -49,8 +49,9 @@ class RunFolder(PartialFolder):
         if self.path.exists():
             raise UserError(f"'{self.path}' holds an unfinished run; continue it with --resume {self.path} "
                             "or remove it")
-        (self.path / "images").mkdir(parents=True)
-        (self.path / "grids").mkdir()
+        with writing(self.path):
+            (self.path / "images").mkdir(parents=True)
+            (self.path / "grids").mkdir()
 
     # -- files -----------------------------------------------------------------------------
     @property
@@ -82,7 +83,7 @@ class RunFolder(PartialFolder):
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def append_metrics(self, row: dict) -> None:
-        with self.metrics_path.open("a") as f:
+        with writing(self.metrics_path), self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
     def truncate_metrics(self, after_step: int) -> None:
@@ -123,13 +124,15 @@ class RunFolder(PartialFolder):
         paths = []
         for i, image in enumerate(images01):
             path = self.path / "images" / f"{prefix}{i:02d}.png"
-            to_pil(image).save(path)
+            with atomic_file(path) as partial:
+                to_pil(image).save(partial, format="PNG")
             paths.append(path)
         return paths
 
     def save_grid(self, images01: torch.Tensor, step: int) -> Path:
         path = self.path / "grids" / f"step_{step:06d}{self.tag}.png"
-        grid(images01).save(path)
+        with atomic_file(path) as partial:
+            grid(images01).save(partial, format="PNG")
         return path
 
 

@@ -124,18 +124,22 @@ def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | 
     lm_objective = parse_objective(config.objective, adapter, spec.id, prompt, config.objective_positions) \
         if config.objective else None
     inversion = build_inversion(registry, adapter, prompt, config, stats, rank=procs.rank, lm_objective=lm_objective)
-    info = _restore(inversion, run) if resume else _start(run, config, adapter, concept, procs)
-    first_step, started = inversion.step, time.perf_counter()
+    if procs.rank == 0 and not resume:
+        run.create()  # before the try: a folder that was there already is never removed
     try:
+        info = _restore(inversion, run) if resume else _start(run, config, adapter, concept, procs)
+        first_step, started = inversion.step, time.perf_counter()
         _optimise(inversion, run, config, adapter, progress if procs.rank == 0 else None, stop_requested,
                   procs.rank)
+        return _finish(run, inversion, adapter, info, procs, config.iterations - first_step,
+                       time.perf_counter() - started)
     except Exception:
+        # a failure before the first checkpoint (a full disk, say) leaves nothing worth resuming
         if not run.checkpoint_path.exists() and procs.rank == 0:
-            shutil.rmtree(run.path, ignore_errors=True)  # nothing worth keeping: leave no debris
+            shutil.rmtree(run.path, ignore_errors=True)
         raise
     finally:
         inversion.close()
-    return _finish(run, inversion, adapter, info, procs, config.iterations - first_step, time.perf_counter() - started)
 
 
 def _run_folder(config: InversionConfig, spec: AdapterSpec, concept, procs: Processes, resume: str | None) -> RunFolder:
@@ -166,9 +170,8 @@ def _restore(inversion, run: RunFolder) -> dict:
 
 
 def _start(run: RunFolder, config: InversionConfig, adapter, concept, procs: Processes) -> dict:
-    """A new run: its folder, config and manifest."""
+    """A new run: its config and manifest, in the folder `run_inversion` created."""
     if procs.rank == 0:
-        run.create()
         run.write_config(config.to_dict())
     procs.wait()
     info = manifest(config.to_dict(), adapter, procs.device, procs.world_size)

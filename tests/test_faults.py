@@ -1,5 +1,6 @@
 """Hostile inputs and faults (issue 12): each ends in exactly one `error:` line and exit code 2, with
 no traceback, and leaves every file as it was; a resumable run stays resumable to the bit-identical end."""
+import errno
 import os
 import pickle
 import shutil
@@ -248,3 +249,58 @@ def test_an_edited_run_config_is_checked_on_resume(partial):
     config = partial / "config.yaml"
     config.write_text(config.read_text().replace("lr: 0.05", "lr: .nan"))
     fails(invoke("invert", "--resume", partial, "--quiet"), "lr must be a finite number")
+
+
+def _failing(original, errno_, when):
+    """`original` (Path.mkdir, Path.write_text/bytes, Image.save) failing with `errno_` on the calls
+    `when(path)` picks, after writing part of the file, as a full disk does."""
+    def write(self, *args, **kwargs):
+        path = self if isinstance(self, Path) else Path(args[0])
+        if when(path):
+            if original.__name__ != "mkdir":
+                path.write_bytes(b"half a file")
+            raise OSError(errno_, os.strerror(errno_))
+        return original(self, *args, **kwargs)
+    return write
+
+
+def _nth(name: str, n: int):
+    calls = []
+    return lambda path: name in path.name and (calls.append(path) or len(calls) == n)
+
+
+def test_the_outputs_parent_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    fails(invoke(*RUN, "--outputs", tmp_path / "file" / "run"), "cannot write", "Not a directory", "file/run")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("errno_", [errno.EROFS, errno.EACCES])
+def test_a_read_only_file_system(tmp_path, monkeypatch, errno_):
+    monkeypatch.setattr(Path, "mkdir", _failing(Path.mkdir, errno_, lambda path: "run" in str(path)))
+    fails(invoke(*RUN, "--outputs", tmp_path / "out" / "run"), "cannot write", os.strerror(errno_))
+    assert not list(tmp_path.iterdir())
+
+
+DISK_FULL = {  # what fills the disk; the step of the checkpoint left to resume from (None: no folder left)
+    "config": ((Path, "write_text", "config.yaml", 1), None),
+    "second-checkpoint": ((Path, "write_bytes", "checkpoint", 2), "2"),
+    "final-images": ((Image.Image, "save", "00.png", 1), "4"),
+}
+
+
+@pytest.mark.parametrize("fault", DISK_FULL)
+def test_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch, straight, fault):
+    (owner, method, name, n), step = DISK_FULL[fault]
+    monkeypatch.setattr(owner, method, _failing(getattr(owner, method), errno.ENOSPC, _nth(name, n)))
+    fails(invoke(*RUN, "--checkpoint-every", "2", "--outputs", tmp_path / "run"),
+          "cannot write", "No space left on device", name)
+    monkeypatch.undo()
+    partial = tmp_path / "run.partial"
+    assert not (tmp_path / "run").exists()
+    if step is None:
+        assert not partial.exists()
+        return
+    assert not [p for p in partial.rglob("*") if p.name.endswith(".partial")]  # no half-written file
+    assert safe_open(partial / "checkpoint.safetensors", "pt").metadata()["step"] == step
+    resumes_to_the_same_end(partial, straight)

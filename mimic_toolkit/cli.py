@@ -16,7 +16,6 @@ from .cli_settings import with_settings
 from .config import InversionConfig
 from .errors import UserError
 from .registry import default_registry
-from .sites import SELECTION_HELP
 
 
 class _Commands(TyperGroup):
@@ -160,6 +159,9 @@ def compare(
     typer.echo(f"comparison folder: {folder}\nreport:            {folder / 'report.html'}")
 
 
+SITES_HELP = InversionConfig.__dataclass_fields__["feature_sites"].metadata["help"]  # as `mimic invert` says
+
+
 @app.command()
 def stats(
     images: Path = typer.Option(..., help="Folder of real images of the concept (searched recursively)."),
@@ -168,7 +170,7 @@ def stats(
     revision: Optional[str] = typer.Option(None),
     out: Path = typer.Option(Path("stats"), help="Folder for the statistics file."),
     class_index: Optional[int] = typer.Option(None, help="Record the concept, so `--stats FOLDER` finds it."),
-    feature_sites: Optional[str] = typer.Option(None, help=f"Vision-tower sites: {SELECTION_HELP}."),
+    feature_sites: Optional[str] = typer.Option(None, help=SITES_HELP),
     batch_size: int = typer.Option(32),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),

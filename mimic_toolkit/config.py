@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .sites import SELECTION_HELP
 
 
 MEMORY_SAVING = ("off", "selective", "layers")
@@ -65,8 +66,7 @@ class InversionConfig:
                                        "NAME=VALUE and --TERM-loss-scale.", flag=False, default_factory=dict)
     feature_form: str = setting("l2", "l2 (the paper's L_base) | kl (a per-channel Gaussian KL)", OBJECTIVE)
     feature_sites: str | None = setting(
-        None, "Vision-tower sites for the feature statistics: glob patterns or index ranges over canonical names, "
-        "e.g. 'vision.layers.1[2-9].mlp,vision.patch_embedding' or 'last:8' (default: the patch embedding and "
+        None, f"Vision-tower sites for the feature statistics: {SELECTION_HELP} (default: the patch embedding and "
         "every layer's MLP).", OBJECTIVE)
     device: str = setting("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
     device_map: str | None = setting(None, "auto: spread a model too large for one GPU over all visible GPUs.")

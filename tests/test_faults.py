@@ -304,3 +304,38 @@ def test_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch, straight, 
     assert not [p for p in partial.rglob("*") if p.name.endswith(".partial")]  # no half-written file
     assert safe_open(partial / "checkpoint.safetensors", "pt").metadata()["step"] == step
     resumes_to_the_same_end(partial, straight)
+
+
+# -- checkpoint folders --------------------------------------------------------------------------
+def _config_with(folder: Path, **text_config):
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"].update(text_config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+MODEL_FAULTS = {
+    "truncated weights": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+                          "weights of", "damaged"),
+    "zero-byte weights": (lambda d: (d / "model.safetensors").write_bytes(b""), "damaged"),
+    "garbage header": (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 64), "damaged"),
+    "weights of other shapes": (lambda d: _config_with(d, hidden_size=128), "do not fit its config.json"),
+    "no tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "could not load the tokenizer"),
+    "corrupt tokenizer": (lambda d: (d / "tokenizer.json").write_text("{garbage"), "could not load the tokenizer"),
+    "only pickled weights": (lambda d: ((d / "model.safetensors").unlink(), (d / "pytorch_model.bin").write_bytes(
+        pickle.dumps({"weights": 1}))), "only pickled weights", "convert them to safetensors"),
+    "no config.json": (lambda d: (d / "config.json").unlink(), "not a model folder"),
+}
+
+
+@pytest.mark.parametrize("fault", MODEL_FAULTS)
+def test_a_damaged_checkpoint_folder_is_one_line(tiny_checkpoint, tmp_path, fault):
+    damage, *fragments = MODEL_FAULTS[fault]
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, folder)
+    damage(folder)
+    result = invoke(*RUN, "--model", "llava-llama3", "--checkpoint", folder, "--question", "What is in the image?",
+                    "--answer", "red", "--feature-loss-scale", 0, "--outputs", tmp_path / "run")
+    fails(result, str(folder), *fragments)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ class Loading:
         """Load from a local folder or a hub id (the hub needs a network). With `device_map`
         ("auto"), accelerate places the layers over the visible devices instead of `device`."""
         import transformers
+        from safetensors import SafetensorError
 
         _quiet_transformers()
         source = checkpoint_source(checkpoint)
@@ -35,13 +37,25 @@ class Loading:
         if config.model_type != cls.model_type:
             raise UserError(f"'{checkpoint}' holds a {config.model_type} model, not {cls.model_type}; "
                             "choose the matching --model")
+        _refuse_pickled_weights(source)
         model_cls = getattr(transformers, cls.model_class)
+        try:  # safetensors only: a checkpoint's weights can never run code here
+            with _transformers_silent():  # its load report would bury our one line
+                model = model_cls.from_pretrained(source, config=config, dtype=dtype, revision=revision,
+                                                  use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                  device_map=device_map)
+        except (OSError, RuntimeError, ValueError) as exc:
+            if "ignore_mismatched_sizes" in str(exc):
+                raise UserError(f"the weights of '{checkpoint}' do not fit its config.json (tensors of other "
+                                "shapes: another model size, or a config edited by hand)") from exc
+            raise UserError(f"could not load the weights of '{checkpoint}': {_first_line(exc)}") from exc
+        except SafetensorError as exc:
+            raise UserError(f"the weights of '{checkpoint}' are damaged (truncated or not safetensors): "
+                            f"{_first_line(exc)}") from exc
         try:
-            model = model_cls.from_pretrained(source, config=config, dtype=dtype, revision=revision,
-                                              trust_remote_code=trust_remote_code, device_map=device_map)
             tokenizer = cls.load_tokenizer(source, revision=revision, trust_remote_code=trust_remote_code)
-        except OSError as exc:
-            raise UserError(f"could not load '{checkpoint}': {str(exc).splitlines()[0]}") from exc
+        except (OSError, ValueError, TypeError) as exc:
+            raise UserError(f"could not load the tokenizer of '{checkpoint}': {_first_line(exc)}") from exc
         return cls(model if device_map else model.to(device), tokenizer, spec=spec)
 
     @classmethod
@@ -115,6 +129,31 @@ def checkpoint_source(checkpoint: str) -> str:
     if len(parts) == 2 and all(parts) and not checkpoint.startswith((".", "~")):
         return checkpoint
     raise UserError(f"checkpoint folder '{checkpoint}' does not exist")
+
+
+@contextmanager
+def _transformers_silent():
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _refuse_pickled_weights(source: str) -> None:
+    """A local folder holding only pickled weights (`*.bin`, `*.pt`) is refused: unpickling runs code."""
+    local = Path(source)
+    if local.is_dir() and not any(local.glob("*.safetensors")) and any(
+            p.suffix in (".bin", ".pt", ".pth") for p in local.iterdir()):
+        raise UserError(f"'{source}' holds only pickled weights, which are not loaded (they can run code); "
+                        "convert them to safetensors (transformers: model.save_pretrained(folder))")
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def load_config(source: str, revision: str | None, trust_remote_code: bool):

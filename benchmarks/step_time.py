@@ -173,7 +173,7 @@ def measure(registry, model_id: str, adapter, prompt: Prompt, mode: str, batch: 
         weight_grads = any(p.grad is not None for p in adapter.model.parameters())
     params = sum(p.numel() for p in adapter.model.parameters())
     tokens = batch * len(prompt.input_ids)
-    # matmul FLOPs as method.md counts them: 2 * params * tokens forward, as much again for the
+    # matmul FLOPs as the team's method notes count them: 2 * params * tokens forward, as much again for the
     # gradient of the inputs, and again for the weights' gradients when those are computed
     flops = 2 * params * tokens * (3 if weight_grads else 2)
     return dict(dtype=str(adapter.dtype).removeprefix("torch."), params_b=round(params / 1e9, 3), tokens=tokens,
@@ -251,7 +251,7 @@ def execution_mode(adapter, reference: bool):
 
 
 def reference_style(adapter) -> None:
-    """Emulates how the reference implementation runs the step (method.md, defects 1 and 2): every
+    """Emulates how the reference implementation runs the step, with its two costly defects: every
     weight requires grad, so the backward also computes (and accumulates) weight gradients, and the
     model computes logits at every position over the whole vocabulary, plus its own unused loss."""
     adapter.model.requires_grad_(True)

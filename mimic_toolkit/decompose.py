@@ -1,4 +1,4 @@
-"""Concept dictionaries for hidden states Z [N, D] (docs: ../shared/docs/seed-systems.md, part 1),
+"""Concept dictionaries for hidden states Z [N, D] (as XL-VLMs / CoX-LMM build them),
 the assignment problem and purity. Plain torch, deterministic for a given seed.
 
 Every method gives K concept vectors in feature space and an activation of each concept for any

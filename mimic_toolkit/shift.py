@@ -1,4 +1,4 @@
-"""Fine-tuning shift (docs: ../shared/docs/seed-systems.md, part 1): how the concepts of an original
+"""Fine-tuning shift (XL-VLMs' method): how the concepts of an original
 model move in its fine-tuned version, measured on the same inputs.
 
 Concepts are points here: the mean of the samples a concept claims (for k-means, its centroid).

@@ -1,4 +1,4 @@
-"""The objective terms of the method (docs: ../shared/docs/method.md), each a function of the step.
+"""The objective terms of MIMIC (Jain & Stergiou, 2025), each a function of the step.
 
 L = main * CE + feature * L_base + patch * R_patch + tv_l1 * TV_L1 + tv_l2 * TV_L2 + l2 * L2
 (+ lm * the --objective direction inside the language model, instead of the answer).

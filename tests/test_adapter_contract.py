@@ -81,6 +81,10 @@ def test_an_adapter_written_to_the_old_contract_inverts_with_its_own_sites(tmp_p
         assert set(inversion.recorder.modules) == {"vision.patch_embedding", "vision.layers.1.mlp"}
         rows = [inversion.run_step(want_metrics=True) for _ in range(3)]
     assert all(row["terms"]["feature"] > 0 for row in rows) and torch.isfinite(inversion.images).all()
+    # selective recomputation finds the vision MLPs among the sites the adapter names
+    recomputed = adapter.selectively_recomputed()
+    layers = adapter.vision_tower.encoder.layers
+    assert any(m is layers[1].mlp for m in recomputed) and not any(m is layers[0].mlp for m in recomputed)
 
 
 def test_old_architecture_names_still_answer():

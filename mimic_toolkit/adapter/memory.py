@@ -53,5 +53,7 @@ class MemorySaving:
         `recomputed_norms`, RMSNorms that keep an fp32 copy of their input: recomputed, they keep
         only the input itself, for a few elementwise operations. Other layouts override this."""
         lm_layers = list(self.language_model.layers)
-        mlps = [layer.mlp for layer in [*self.vision_layers, *lm_layers]]
-        return mlps + [getattr(layer, name) for layer in lm_layers for name in self.recomputed_norms]
+        # the vision MLPs by their site names: an adapter of the old contract names them itself
+        vision_mlps = [module for name, module in self.vision_sites().items() if name.endswith(".mlp")]
+        return vision_mlps + [layer.mlp for layer in lm_layers] + \
+            [getattr(layer, name) for layer in lm_layers for name in self.recomputed_norms]

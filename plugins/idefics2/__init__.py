@@ -11,7 +11,7 @@ def register_adapters(register):
         aliases=("idefics2-8b", "huggingfacem4/idefics2-8b"),
         adapter="mimic_plugins.idefics2.adapter:Idefics2Adapter",
         resolution=378,
-        # No defaults: the core's (the reference's for LLaVA, method.md), not tuned for Idefics2.
+        # No defaults: the core's (the MIMIC reference code's, for LLaVA), not tuned for Idefics2.
         # Multiples of 14 px up to 980 are accepted.
         description="Idefics2-8B: SigLIP-so400m at 378 px, perceiver to 64 image tokens, Mistral chat",
         tested_transformers="5.17, 5.24",

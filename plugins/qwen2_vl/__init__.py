@@ -10,7 +10,7 @@ def register_adapters(register):
         aliases=("qwen2-vl-7b-instruct", "qwen/qwen2-vl-7b-instruct"),
         adapter="mimic_plugins.qwen2_vl.adapter:Qwen2VLAdapter",
         resolution=448,
-        # No defaults: the core's (the reference's for LLaVA, method.md), not tuned for Qwen.
+        # No defaults: the core's (the MIMIC reference code's, for LLaVA), not tuned for Qwen.
         # Any multiple of 28 px is accepted.
         description="Qwen2-VL-7B-Instruct: ViT with 2x2 merge, 256 image tokens at 448 px, ChatML",
         tested_transformers="5.17, 5.24",

@@ -17,7 +17,7 @@ from mimic_toolkit.testing import BASIC_WORDS, word_tokenizer, words_of
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2-VL normalises with OpenAI CLIP's statistics
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# 448 px = 32 x 32 patches of 14 = 256 image tokens after the 2 x 2 merge (method.md's benchmark size).
+# 448 px = 32 x 32 patches of 14 = 256 image tokens after the 2 x 2 merge (the benchmarks' size).
 DEFAULT_RESOLUTION = 448
 SYSTEM_PROMPT = "You are a helpful assistant."
 

@@ -7,9 +7,8 @@ It is drawn at 4x and box-filtered down, so its edges are anti-aliased.
 Backgrounds are solid colours or two-colour linear gradients, half of them with mild pixel noise.
 Every background colour is *muted*: saturation <= 0.3, value in [0.1, 0.9] (greys, dull tints,
 dark and light). The shapes are drawn in fully saturated colours, so a background never has the
-shape's colour. Muted backgrounds are a deliberate choice: shared/docs/method.md reports that with
-backgrounds of any colour a small VLM trained from scratch did not learn shape; muted ones keep the
-outline salient while the backgrounds still vary.
+shape's colour. Muted backgrounds are a deliberate choice: with backgrounds of any colour, a small VLM trained from
+scratch did not learn shape; muted ones keep the outline salient while the backgrounds still vary.
 
 Everything is deterministic given a seed (`numpy.random.Generator`); no files are read.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -19,14 +19,35 @@ from .registry import default_registry
 
 
 class _Commands(TyperGroup):
-    """Turns a UserError from any command (plugin commands included) into one line + exit 2."""
+    """Turns a UserError from any command (plugin commands included), and click's usage errors (a bad
+    option value, a missing or unknown option) in place of its usage box, into one line + exit 2."""
+
+    def parse_args(self, ctx, args):
+        with _one_line():  # options of `mimic` itself
+            return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
-        try:
+        with _one_line():  # subcommands parse their options inside this
             return super().invoke(ctx)
-        except UserError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2)
+
+
+# click's exceptions, from the module typer raises them from (newer typer vendors click as typer._click)
+_CLICK_ERRORS = sys.modules[typer.BadParameter.__module__]
+
+
+@contextmanager
+def _one_line():
+    try:
+        yield
+    except getattr(_CLICK_ERRORS, "NoArgsIsHelpError", ()):  # a bare `mimic concepts` shows its help
+        raise
+    except _CLICK_ERRORS.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "mimic"
+        typer.echo(f"error: {exc.format_message()} ({where} --help)", err=True)
+        raise typer.Exit(2)
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
 
 
 app = typer.Typer(cls=_Commands, no_args_is_help=True, add_completion=False,

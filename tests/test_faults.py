@@ -339,3 +339,23 @@ def test_a_damaged_checkpoint_folder_is_one_line(tiny_checkpoint, tmp_path, faul
                     "--answer", "red", "--feature-loss-scale", 0, "--outputs", tmp_path / "run")
     fails(result, str(folder), *fragments)
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
+# -- the command line itself ------------------------------------------------------------------------
+USAGE_FAULTS = {
+    "not-an-integer": (["invert", "--iterations", "abc"], "Invalid value for '--iterations'", "invert --help)"),
+    "unknown-option": (["invert", "--bogus"], "No such option: --bogus", "invert --help)"),
+    "missing-option": (["concepts", "fit"], "Missing option '--features'", "concepts fit --help)"),
+    "unknown-command": (["nosuch"], "No such command 'nosuch'", "--help)"),
+}
+
+
+@pytest.mark.parametrize("fault", USAGE_FAULTS)
+def test_a_usage_error_is_one_line_with_a_hint(fault):
+    args, *fragments = USAGE_FAULTS[fault]
+    fails(invoke(*args), *fragments)
+
+
+def test_help_still_shows_the_usage():
+    result = invoke("invert", "--help")
+    assert result.exit_code == 0 and "Usage:" in result.output and "--iterations" in result.output

@@ -192,7 +192,7 @@ def stats(
     out: Path = typer.Option(Path("stats"), help="Folder for the statistics file."),
     class_index: Optional[int] = typer.Option(None, help="Record the concept, so `--stats FOLDER` finds it."),
     feature_sites: Optional[str] = typer.Option(None, help=SITES_HELP),
-    batch_size: int = typer.Option(32),
+    batch_size: int = typer.Option(32, min=1),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
 ):

@@ -3,12 +3,14 @@ toolkit on the command line. Each command is a thin layer over a library functio
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from .atomic import write_file
+from .errors import UserError
 
 concepts_app = typer.Typer(no_args_is_help=True, help="Concept dictionaries of captured hidden states.")
 steer_app = typer.Typer(no_args_is_help=True, help="Steering vectors: build one, answer with it.")
@@ -43,8 +45,8 @@ def capture(
     tokens: str = typer.Option(..., help="all | image | prompt | last-prompt | generated | word:WORD[,WORD...]"),
     word_position: str = typer.Option("predict", help="word: the position that predicts the word, or its own last token (own)."),
     generate: bool = typer.Option(False, "--generate", help="Generate and index the answers for any selector."),
-    max_new_tokens: int = typer.Option(16, help="Longest generated answer."),
-    batch_size: int = typer.Option(8), out: Optional[Path] = typer.Option(None, help="Features folder to write."),
+    max_new_tokens: int = typer.Option(16, min=1, help="Longest generated answer."),
+    batch_size: int = typer.Option(8, min=1), out: Optional[Path] = typer.Option(None, help="Features folder to write."),
     device: str = DEVICE, dtype: str = DTYPE,
 ):
     """Store the hidden states of one LM site at the selected token positions (safetensors + index)."""
@@ -65,11 +67,11 @@ def capture(
 def concepts_fit(
     features: Path = typer.Option(..., help="Features folder from `mimic capture`."),
     method: str = typer.Option("snmf", help="snmf | kmeans | pca | simple"),
-    k: int = typer.Option(20, "--k", help="Number of concepts."),
+    k: int = typer.Option(20, "--k", min=1, help="Number of concepts."),
     out: Optional[Path] = typer.Option(None, help="Concepts folder to write (default concepts/<features>-<method>-<k>)."),
     seed: int = typer.Option(0), sparsity: float = typer.Option(0.1, help="snmf: L1 weight on the codes, x mean row norm."),
-    words: int = typer.Option(10, help="Grounded words per concept."),
-    images: int = typer.Option(6, help="Top-activating images per concept."),
+    words: int = typer.Option(10, min=1, help="Grounded words per concept."),
+    images: int = typer.Option(6, min=1, help="Top-activating images per concept."),
     checkpoint: Optional[str] = typer.Option(None, help="The model to unembed with (default: the features' own)."),
     no_words: bool = typer.Option(False, "--no-words", help="Ground in images only (the model is not loaded)."),
     final_norm: Optional[bool] = typer.Option(None, "--final-norm/--no-final-norm",
@@ -101,7 +103,7 @@ def concepts_fit(
 def concepts_project(
     concepts: Path = typer.Option(..., help="Concepts folder (or its concepts.safetensors)."),
     features: Path = typer.Option(..., help="Features of the new samples, captured like the fitted ones."),
-    top: int = typer.Option(3, help="Concepts listed per sample."),
+    top: int = typer.Option(3, min=1, help="Concepts listed per sample."),
     out: Optional[Path] = typer.Option(None, help="Write every sample's activations as JSON lines."),
 ):
     """The concepts of new samples."""
@@ -140,7 +142,7 @@ def steer_apply(
     alpha: float = typer.Option(1.0, help="Multiple of the vector added."),
     positions: str = typer.Option("all", help="all | generated | last-prompt | from:N"),
     images: Optional[Path] = IMAGES, dataset: Optional[Path] = DATASET, question: Optional[str] = QUESTION,
-    max_new_tokens: int = typer.Option(16), batch_size: int = typer.Option(8),
+    max_new_tokens: int = typer.Option(16, min=1), batch_size: int = typer.Option(8, min=1),
     out: Optional[Path] = typer.Option(None, help="Write every answer before/after as JSON lines."),
     device: str = DEVICE, dtype: str = DTYPE,
 ):
@@ -150,6 +152,8 @@ def steer_apply(
     from .lm_objective import check_model
     from .steer import load_vector, steer_answers
 
+    if not math.isfinite(alpha):  # NaN or inf would steer every answer into garbage
+        raise UserError(f"--alpha must be a finite number, not {alpha}")
     policy = PositionPolicy.parse(positions)
     direction, meta = load_vector(vector)
     samples = load_samples(images, dataset, question)
@@ -175,8 +179,8 @@ def shift(
     original: Path = typer.Option(..., help="Features of the original model."),
     finetuned: Path = typer.Option(..., help="Features of the fine-tuned model on the same samples."),
     method: str = typer.Option("kmeans", help="snmf | kmeans | pca | simple"),
-    k: int = typer.Option(20, "--k"), alpha: float = typer.Option(1.0, help="shifted concept = concept + alpha * shift"),
-    seed: int = typer.Option(0), top: int = typer.Option(10, help="Top samples compared per concept."),
+    k: int = typer.Option(20, "--k", min=1), alpha: float = typer.Option(1.0, help="shifted concept = concept + alpha * shift"),
+    seed: int = typer.Option(0), top: int = typer.Option(10, min=1, help="Top samples compared per concept."),
     no_words: bool = typer.Option(False, "--no-words", help="Skip the word comparison (the model is not loaded)."),
     checkpoint: Optional[str] = typer.Option(None, help="The fine-tuned model (default: its features' own)."),
     out: Optional[Path] = typer.Option(None, help="Write the full result as JSON."),

@@ -51,7 +51,9 @@ def fit(rows: torch.Tensor, method: str, k: int, *, seed: int = 0, sparsity: flo
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, not '{method}'")
     n = rows.shape[0]
-    if not 1 <= k <= n:
+    if k < 1:
+        raise UserError(f"K must be at least 1, not {k}")
+    if k > n:
         raise UserError(f"K={k} concepts need at least {k} samples; the features have {n} rows")
     rows = rows.float()
     mean = rows.mean(0)

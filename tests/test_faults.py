@@ -359,3 +359,36 @@ def test_a_usage_error_is_one_line_with_a_hint(fault):
 def test_help_still_shows_the_usage():
     result = invoke("invert", "--help")
     assert result.exit_code == 0 and "Usage:" in result.output and "--iterations" in result.output
+
+
+COUNT_FAULTS = {
+    "stats-batch-size": (["stats", "--images", "x", "--batch-size", 0], "'--batch-size'"),
+    "concepts-k": (["concepts", "fit", "--features", "x", "--k", 0], "'--k'"),
+    "concepts-words": (["concepts", "fit", "--features", "x", "--words", 0], "'--words'"),
+    "concepts-images": (["concepts", "fit", "--features", "x", "--images", 0], "'--images'"),
+    "project-top": (["concepts", "project", "--concepts", "x", "--features", "x", "--top", 0], "'--top'"),
+    "capture-batch-size": (["capture", "--site", "lm.0", "--tokens", "all", "--batch-size", 0], "'--batch-size'"),
+    "capture-max-new-tokens": (["capture", "--site", "lm.0", "--tokens", "all", "--max-new-tokens", -1],
+                               "'--max-new-tokens'"),
+    "steer-batch-size": (["steer", "apply", "--vector", "x", "--batch-size", 0], "'--batch-size'"),
+    "shift-k": (["shift", "--original", "x", "--finetuned", "x", "--k", 0], "'--k'"),
+}
+
+
+@pytest.mark.parametrize("fault", COUNT_FAULTS)
+def test_a_count_below_one_is_one_line(fault):
+    args, option = COUNT_FAULTS[fault]
+    fails(invoke(*args), option, "greater than or equal to 1")
+
+
+def test_k_below_one_is_refused_by_the_library_too():
+    from mimic_toolkit.decompose import fit
+    from mimic_toolkit.errors import UserError
+
+    with pytest.raises(UserError, match="K must be at least 1"):
+        fit(torch.zeros(3, 2), "pca", 0)
+
+
+@pytest.mark.parametrize("alpha", ["nan", "inf", "-inf"])
+def test_a_non_finite_steering_alpha_is_one_line(alpha):
+    fails(invoke("steer", "apply", "--vector", "x", "--images", "x", "--alpha", alpha), "--alpha must be a finite number")

@@ -238,10 +238,13 @@ def _str(value) -> Optional[str]:
 def _register_plugin_commands() -> None:
     try:
         registry = default_registry()
+        for plugin in registry.implementers("register_commands"):
+            before = list(app.registered_commands), list(app.registered_groups)
+            if not registry.call(plugin, "register_commands", cli=app):  # a failed plugin adds no commands
+                app.registered_commands[:], app.registered_groups[:] = before
     except UserError as exc:  # e.g. two plugins claim one name: still let `mimic plugins` etc. explain
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    registry.manager.hook.register_commands(cli=app)
 
 
 _register_plugin_commands()

@@ -1,7 +1,8 @@
 """Finds plugins through the `mimic_toolkit` entry-point group and collects what they register.
 
-One plugin that fails to import is reported in one warning line and skipped, so the CLI keeps
-working (`MIMIC_STRICT_PLUGINS=1` makes it an error); `MIMIC_LOAD_PLUGINS=a,b` loads only those.
+One plugin that fails to import, fails validation (a misspelled hook) or raises in a registration
+hook is reported in one warning line and skipped, so the CLI keeps working
+(`MIMIC_STRICT_PLUGINS=1` makes it an error); `MIMIC_LOAD_PLUGINS=a,b` loads only those.
 """
 from __future__ import annotations
 
@@ -41,18 +42,35 @@ class Registry:
             rows.append((name, sorted(hooks)))
         return sorted(rows, key=lambda row: (not self.is_builtin(row[0]), row[0]))
 
-    def _collect(self, hook_name: str) -> list:
-        """Call a registration hook through pluggy, one plugin at a time so that each record is
-        tagged with its plugin's name; the order is pluggy's call order (tryfirst, then the rest,
-        the built-ins last), so listings are stable."""
+    def implementers(self, hook_name: str) -> list:
+        """The plugins implementing a hook, in pluggy's call order (tryfirst, then the rest, the
+        built-ins last), so listings are stable."""
         caller = getattr(self.manager.hook, hook_name)
-        plugins = [impl.plugin for impl in reversed(caller.get_hookimpls()) if not impl.hookwrapper]
+        return [impl.plugin for impl in reversed(caller.get_hookimpls()) if not impl.hookwrapper]
+
+    def call(self, plugin, hook_name: str, **kwargs) -> bool:
+        """Call one plugin's implementation of a hook. If it raises (or exits), that is one warning
+        line and the plugin is unregistered, so False; the core's own failures are bugs and propagate."""
+        others = [p for p in self.implementers(hook_name) if p is not plugin]
+        name = self.manager.get_name(plugin)
+        try:
+            self.manager.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
+            return True
+        except (Exception, SystemExit) as exc:  # SystemExit: a plugin's sys.exit() must not end the CLI
+            if name == "core":
+                raise
+            self.manager.unregister(plugin)
+            _plugin_failed(f"plugin '{name}' failed in {hook_name}: {_describe(exc)}", exc)
+            return False
+
+    def _collect(self, hook_name: str) -> list:
+        """Call a registration hook one plugin at a time so that each record is tagged with its
+        plugin's name; a plugin that fails contributes nothing, not even what it registered first."""
         records = []
-        for plugin in plugins:
+        for plugin in self.implementers(hook_name):
             found = []
-            others = [p for p in plugins if p is not plugin]
-            self.manager.subset_hook_caller(hook_name, remove_plugins=others)(register=found.append)
-            records += [replace(r, plugin=self.manager.get_name(plugin)) for r in found]
+            if self.call(plugin, hook_name, register=found.append):
+                records += [replace(r, plugin=self.manager.get_name(plugin)) for r in found]
         return records
 
     # -- adapters -----------------------------------------------------------------------------
@@ -88,6 +106,8 @@ class Registry:
 
     def adapter_spec(self, name: str) -> AdapterSpec:
         specs = self.adapter_specs()
+        if not specs:
+            raise _no_models()
         if name in self._contested:
             first, second = self._contested[name]
             raise UserError(f"model name '{name}' is provided by two plugins: '{first.plugin}' ({first.id}) "
@@ -103,7 +123,10 @@ class Registry:
     def default_model(self) -> AdapterSpec:
         """The model commands use when none is named: the first that says `default=True`
         (built-ins come first)."""
-        found = next((spec for spec in self.adapter_specs().values() if spec.default), None)
+        specs = self.adapter_specs()
+        if not specs:
+            raise _no_models()
+        found = next((spec for spec in specs.values() if spec.default), None)
         if found is None:
             raise UserError("no model is marked as the default: name one with --model (`mimic models` lists them)")
         return found
@@ -119,9 +142,41 @@ class Registry:
         return specs
 
 
-def _selected(name: str) -> bool:
+def _wanted() -> set[str] | None:
+    """The plugin names MIMIC_LOAD_PLUGINS selects; None when it is unset (load every plugin)."""
     wanted = os.environ.get("MIMIC_LOAD_PLUGINS")
-    return wanted is None or name in {n.strip() for n in wanted.split(",") if n.strip()}
+    return None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
+
+
+def _describe(exc: BaseException) -> str:
+    return f"SystemExit({exc.code})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+
+
+def _plugin_failed(message: str, exc: BaseException | None = None) -> None:
+    """One warning line on stderr, or an error with MIMIC_STRICT_PLUGINS=1."""
+    if os.environ.get("MIMIC_STRICT_PLUGINS", "") not in ("", "0"):
+        raise UserError(message) from exc
+    print(f"warning: {message}; skipped (set MIMIC_STRICT_PLUGINS=1 to make this an error)", file=sys.stderr)
+
+
+def _no_models() -> UserError:
+    wanted = os.environ.get("MIMIC_LOAD_PLUGINS")
+    why = (f"MIMIC_LOAD_PLUGINS={wanted!r} selects no plugin that provides one" if wanted is not None else
+           "no loaded plugin provides one (MIMIC_LOAD_PLUGINS is unset; see the warnings above)")
+    return UserError(f"no model is registered: {why} (`mimic plugins` lists the loaded plugins)")
+
+
+def _register(manager: pluggy.PluginManager, load, name: str, origin: str) -> None:
+    """Import and register one plugin and check its hooks; a failure is one warning and the plugin
+    is left out. The plugins registered before this one are already valid, so a pending
+    validation error is this plugin's."""
+    try:
+        manager.register(load(), name)
+        manager.check_pending()  # a misspelled hook implementation fails here, not silently
+    except (Exception, SystemExit) as exc:  # SystemExit: a plugin's sys.exit() must not end the CLI
+        if manager.has_plugin(name):
+            manager.unregister(name=name)
+        _plugin_failed(f"plugin '{name}' ({origin}) failed to load: {_describe(exc)}", exc)
 
 
 def build_registry(extra_plugins: dict[str, object] | None = None) -> Registry:
@@ -129,21 +184,17 @@ def build_registry(extra_plugins: dict[str, object] | None = None) -> Registry:
     manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
     manager.add_hookspecs(hookspecs)
     manager.register(builtin, "core")
-    strict = os.environ.get("MIMIC_STRICT_PLUGINS", "") not in ("", "0")
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if not _selected(ep.name) or manager.has_plugin(ep.name):
-            continue
-        try:
-            manager.register(ep.load(), ep.name)
-        except Exception as exc:  # a broken plugin must not take the CLI down with it
-            message = f"plugin '{ep.name}' ({ep.value}) failed to load: {type(exc).__name__}: {exc}"
-            if strict:
-                raise UserError(message) from exc
-            print(f"warning: {message}; skipped (set MIMIC_STRICT_PLUGINS=1 to make this an error)",
-                  file=sys.stderr)
+    wanted = _wanted()
+    points = list(entry_points(group=ENTRY_POINT_GROUP))
+    for ep in points:
+        if (wanted is None or ep.name in wanted) and not manager.has_plugin(ep.name):
+            _register(manager, ep.load, ep.name, ep.value)
     for name, plugin in (extra_plugins or {}).items():
-        manager.register(plugin, name)
-    manager.check_pending()  # a misspelled hook implementation fails here, not silently
+        _register(manager, lambda: plugin, name, "given directly")
+    unknown = sorted((wanted or set()) - {ep.name for ep in points} - {"core"})
+    if unknown:
+        _plugin_failed(f"MIMIC_LOAD_PLUGINS names no installed plugin: {', '.join(unknown)} "
+                       f"(installed: {', '.join(sorted({ep.name for ep in points}))})")
     return Registry(manager)
 
 

@@ -8,7 +8,7 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-from mimic_toolkit import hookspecs, registry
+from mimic_toolkit import cli, hookspecs, registry  # cli first: its import registers plugin commands
 from mimic_toolkit.errors import UserError
 
 PLUGIN = textwrap.dedent('''
@@ -116,16 +116,100 @@ def test_load_plugins_env_loads_only_the_named_ones(plugin_modules, monkeypatch)
     assert list(specs) == ["extra-model"]
 
 
-def test_misspelled_hook_implementation_is_caught():
+def _one_warning(capsys, *fragments):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning:"), err
+    for fragment in fragments:
+        assert fragment in err[0], err[0]
+
+
+def _models_still_work(reg):
+    from typer.testing import CliRunner
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "default_registry", lambda: reg)
+        result = CliRunner().invoke(cli.app, ["models", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "llava-llama3" in [m["id"] for m in json.loads(result.stdout)]
+
+
+BROKEN = {  # kind -> (plugin source, what its one warning names)
+    "misspelled_hook": ("from mimic_toolkit import hookimpl\n@hookimpl\ndef register_adapter(register):\n    pass\n",
+                        "register_adapter"),
+    "hook_raises": ("from mimic_toolkit import hookimpl\n@hookimpl\ndef register_adapters(register):\n"
+                    "    raise RuntimeError('boom')\n", "register_adapters"),
+    "exit_at_import": ("import sys\nsys.exit(3)\n", "SystemExit(3)"),
+}
+
+
+@pytest.mark.parametrize("kind", BROKEN)
+def test_each_broken_plugin_kind_is_one_warning_and_mimic_models_works(kind, plugin_modules, capsys, monkeypatch):
+    monkeypatch.delenv("MIMIC_STRICT_PLUGINS", raising=False)
+    source, names = BROKEN[kind]
+    plugin_modules(f"broken_{kind}", source)  # a module name per kind: imports are cached
+    reg = registry.build_registry()
+    reg.adapter_specs()
+    _one_warning(capsys, f"broken_{kind}", names)
+    assert not reg.manager.has_plugin(f"broken_{kind}") and reg.manager.has_plugin("core")
+    _models_still_work(reg)
+    assert capsys.readouterr().err == ""  # reported once, not on every listing
+
+
+@pytest.mark.parametrize("kind", BROKEN)
+def test_strict_mode_makes_each_broken_plugin_kind_an_error(kind, plugin_modules, monkeypatch):
+    monkeypatch.setenv("MIMIC_STRICT_PLUGINS", "1")
+    plugin_modules(f"strict_{kind}", BROKEN[kind][0])
+    with pytest.raises(UserError, match=f"strict_{kind}"):
+        registry.build_registry().adapter_specs()
+
+
+def test_a_plugin_that_registers_then_raises_contributes_nothing(capsys, monkeypatch):
+    from mimic_toolkit import AdapterSpec, hookimpl
+
+    monkeypatch.delenv("MIMIC_STRICT_PLUGINS", raising=False)
+
+    class HalfWay:
+        @hookimpl
+        def register_adapters(self, register):
+            register(AdapterSpec(id="half-model", adapter="nowhere:Nothing", resolution=64))
+            raise ValueError("second one failed")
+
+    reg = registry.build_registry({"halfway": HalfWay()})
+    assert "half-model" not in reg.adapter_specs()
+    _one_warning(capsys, "halfway", "register_adapters", "second one failed")
+
+
+def test_a_failing_register_commands_adds_no_commands_and_the_cli_works(capsys, monkeypatch):
     from mimic_toolkit import hookimpl
 
-    class Misspelled:
-        @hookimpl
-        def register_adaptors(self, register):
-            pass
+    monkeypatch.delenv("MIMIC_STRICT_PLUGINS", raising=False)
 
-    with pytest.raises(Exception, match="register_adaptors"):
-        registry.build_registry({"misspelled": Misspelled()})
+    def half_added():
+        pass
+
+    class Commands:
+        @hookimpl
+        def register_commands(self, cli):
+            cli.command()(half_added)
+            raise RuntimeError("no commands today")
+
+    reg = registry.build_registry({"commands": Commands()})
+    monkeypatch.setattr(cli.app, "registered_commands", list(cli.app.registered_commands))  # restored after
+    monkeypatch.setattr(cli, "default_registry", lambda: reg)
+    cli._register_plugin_commands()
+    assert all(command.callback is not half_added for command in cli.app.registered_commands)
+    _one_warning(capsys, "commands", "register_commands", "no commands today")
+    _models_still_work(reg)
+
+
+def test_load_plugins_naming_no_plugin_warns_and_says_no_model_is_registered(monkeypatch, capsys):
+    monkeypatch.delenv("MIMIC_STRICT_PLUGINS", raising=False)
+    monkeypatch.setenv("MIMIC_LOAD_PLUGINS", "nosuchplugin")
+    reg = registry.build_registry()
+    _one_warning(capsys, "nosuchplugin", "toy_shapes")  # the installed ones are listed
+    for ask in (lambda: reg.adapter_spec("toy-shapes"), reg.default_model):
+        with pytest.raises(UserError, match="no model is registered: .*MIMIC_LOAD_PLUGINS"):
+            ask()
 
 
 def test_unknown_model_suggests_the_closest():

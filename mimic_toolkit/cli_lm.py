@@ -22,6 +22,7 @@ DTYPE = typer.Option("auto", help="auto | float32 | bfloat16 | float16")
 IMAGES = typer.Option(None, help="Folder of images (searched recursively).")
 DATASET = typer.Option(None, help="JSON lines of {image, question?, id?, labels?}, paths relative to the file.")
 QUESTION = typer.Option(None, help="The question for every image (default: 'Describe the image.').")
+ALLOW_OUTSIDE = typer.Option(False, "--allow-outside", help="Let --dataset name images outside the dataset file's folder.")
 
 
 def _load(model: Optional[str], checkpoint: Optional[str], revision: Optional[str], device: str, dtype: str):
@@ -47,13 +48,13 @@ def capture(
     generate: bool = typer.Option(False, "--generate", help="Generate and index the answers for any selector."),
     max_new_tokens: int = typer.Option(16, min=1, help="Longest generated answer."),
     batch_size: int = typer.Option(8, min=1), out: Optional[Path] = typer.Option(None, help="Features folder to write."),
-    device: str = DEVICE, dtype: str = DTYPE,
+    allow_outside: bool = ALLOW_OUTSIDE, device: str = DEVICE, dtype: str = DTYPE,
 ):
     """Store the hidden states of one LM site at the selected token positions (safetensors + index)."""
     from .lm_capture import Selector, capture as run_capture, load_samples
 
     selector = Selector.parse(tokens)
-    samples = load_samples(images, dataset, question)
+    samples = load_samples(images, dataset, question, allow_outside)
     model_id, source, adapter = _load(model, checkpoint, revision, device, dtype)
     out = out or Path("features") / _slug(f"{model_id}-{site}-{tokens}")
     folder = run_capture(adapter, model_id, samples, site, selector, out, checkpoint=source, batch_size=batch_size,
@@ -144,7 +145,7 @@ def steer_apply(
     images: Optional[Path] = IMAGES, dataset: Optional[Path] = DATASET, question: Optional[str] = QUESTION,
     max_new_tokens: int = typer.Option(16, min=1), batch_size: int = typer.Option(8, min=1),
     out: Optional[Path] = typer.Option(None, help="Write every answer before/after as JSON lines."),
-    device: str = DEVICE, dtype: str = DTYPE,
+    allow_outside: bool = ALLOW_OUTSIDE, device: str = DEVICE, dtype: str = DTYPE,
 ):
     """Answer with and without the steering vector; show the answers side by side."""
     from .lm_capture import load_samples
@@ -156,7 +157,7 @@ def steer_apply(
         raise UserError(f"--alpha must be a finite number, not {alpha}")
     policy = PositionPolicy.parse(positions)
     direction, meta = load_vector(vector)
-    samples = load_samples(images, dataset, question)
+    samples = load_samples(images, dataset, question, allow_outside)
     model_id, _, adapter = _load(model, checkpoint, revision, device, dtype)
     check_model(meta, model_id, str(vector))
     rows = steer_answers(adapter, samples, site or meta["site"], direction, alpha, policy,

@@ -125,6 +125,7 @@ class Inversion:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss, values, logits = self.objective(self.augment(self.images))
+        self._last = loss, values  # read back only when asked (`nonfinite_terms`)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         metrics = self._metrics(loss, values, logits, lr) if want_metrics else None
@@ -134,6 +135,14 @@ class Inversion:
                 self.latent.clamp_(self.low, self.high)
         self.step += 1
         return metrics
+
+    def nonfinite_terms(self) -> list[str]:
+        """[] while the last step's loss and images are finite, else the terms that are not (the
+        loss itself when no single term is). One host sync: ask only where the loop syncs anyway."""
+        loss, values = self._last
+        if bool(torch.isfinite(loss).all() & torch.isfinite(self.latent).all()):
+            return []
+        return [name for name, value in values.items() if not torch.isfinite(value).all()] or ["loss"]
 
     def close(self) -> None:
         """Leave the (shared) model as it was: no recording hooks, no recomputation."""

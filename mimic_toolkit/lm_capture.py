@@ -25,6 +25,7 @@ from .engine import format_prompt
 from .errors import UserError
 from .features import adapter_revision, find_images, open_rgb
 from .lm import LMRecorder
+from .tensorfile import read_safetensors
 
 FORMAT = "mimic-features/1"
 DEFAULT_QUESTION = "Describe the image."
@@ -40,9 +41,11 @@ class Sample:
 
 
 def load_samples(images: str | os.PathLike | None = None, dataset: str | os.PathLike | None = None,
-                 question: str | None = None) -> list[Sample]:
+                 question: str | None = None, allow_outside: bool = False) -> list[Sample]:
     """Samples from a folder of images (one question for all) or a dataset file: JSON lines (or a
-    JSON list) of {"image": path relative to the file, "question"?, "id"?, "labels"?: {...}}."""
+    JSON list) of {"image": path relative to the file, "question"?, "id"?, "labels"?: {...}}. An image
+    outside the dataset file's folder is refused unless `allow_outside` (a shared dataset file must
+    not make the toolkit read arbitrary files)."""
     if (images is None) == (dataset is None):
         raise UserError("give either --images DIR or --dataset FILE")
     if images is not None:
@@ -52,7 +55,10 @@ def load_samples(images: str | os.PathLike | None = None, dataset: str | os.Path
     path = Path(dataset)
     if not path.is_file():
         raise UserError(f"dataset file '{dataset}' does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read dataset file '{dataset}': {exc}") from exc
     try:
         entries = json.loads(text) if text.lstrip().startswith("[") else [
             json.loads(line) for line in text.splitlines() if line.strip()]
@@ -64,6 +70,9 @@ def load_samples(images: str | os.PathLike | None = None, dataset: str | os.Path
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
             raise UserError(f"{where}: needs an \"image\" path")
         image = (path.parent / entry["image"]).resolve()
+        if not allow_outside and not image.is_relative_to(path.parent.resolve()):
+            raise UserError(f"{where}: image '{entry['image']}' is outside the dataset's folder "
+                            f"(--allow-outside reads it)")
         if not image.is_file():
             raise UserError(f"{where}: image '{entry['image']}' does not exist")
         sample = Sample(str(entry.get("id", n)), image, entry.get("question") or question or DEFAULT_QUESTION,
@@ -306,6 +315,32 @@ class FeatureWriter:
 
 
 # -- reading -------------------------------------------------------------------------------------
+META_FIELDS = {"model": str, "checkpoint": str, "site": str, "selector": str, "hidden_size": int, "samples": int,
+               "rows": int, "shards": list}  # what the commands read
+
+
+def _is_span(rows) -> bool:
+    return (isinstance(rows, list) and len(rows) == 2 and all(isinstance(r, int) for r in rows)
+            and 0 <= rows[0] <= rows[1])
+
+
+def _json_lines(path: Path, whole: bool = False) -> list:
+    """The JSON values of a file's lines (or, `whole`, of the file), or one UserError naming the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read '{path}': {exc}") from exc
+    lines = [text] if whole else text.splitlines()
+    values = []
+    for n, line in enumerate(lines, 1):
+        if line.strip() or whole:
+            try:
+                values.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"'{path}'{'' if whole else f' line {n}'} is not valid JSON: {exc}") from exc
+    return values
+
+
 class Features:
     """A features folder: `meta`, `index` (one dict per sample), and the rows on demand."""
 
@@ -314,20 +349,27 @@ class Features:
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "Features":
+        """Checks every field the commands read, so a damaged folder is one UserError naming the file
+        and the field rather than a KeyError later."""
         folder = Path(folder)
         if not (folder / "meta.json").is_file():
             raise UserError(f"'{folder}' is not a features folder (no meta.json; make one with `mimic capture`)")
-        try:
-            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-            index = [json.loads(line) for line in (folder / "index.jsonl").read_text(encoding="utf-8").splitlines()
-                     if line.strip()]
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"features folder '{folder}' is damaged: {exc}") from exc
+        (meta,) = _json_lines(folder / "meta.json", whole=True)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise UserError(f"'{folder}' is not a features folder (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-        if len(index) != meta.get("samples"):
+        for name, kind in META_FIELDS.items():
+            if not isinstance(meta.get(name), kind) or kind is int and meta[name] < 0:
+                raise UserError(f"features folder '{folder}' is damaged: meta.json needs {name!r} "
+                                f"({kind.__name__}), has {meta.get(name)!r}")
+        index = _json_lines(folder / "index.jsonl")
+        for n, entry in enumerate(index, 1):
+            if not (isinstance(entry, dict) and isinstance(entry.get("id"), str) and isinstance(entry.get("image"), str)
+                    and _is_span(entry.get("rows"))):
+                raise UserError(f"features folder '{folder}' is damaged: index.jsonl line {n} needs an \"id\", "
+                                f"an \"image\" and \"rows\" [start, end]")
+        if len(index) != meta["samples"]:
             raise UserError(f"features folder '{folder}' is damaged: index.jsonl has {len(index)} samples, "
-                            f"meta.json says {meta.get('samples')}")
+                            f"meta.json says {meta['samples']}")
         return cls(folder, meta, index)
 
     @property
@@ -344,13 +386,12 @@ class Features:
 
     def matrix(self) -> torch.Tensor:
         """All rows, [rows, D] fp32."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            shards = [load_file(str(self.folder / name))["hidden"] for name in self.meta["shards"]]
-        except (OSError, SafetensorError, KeyError) as exc:
-            raise UserError(f"features folder '{self.folder}' is damaged: {exc}") from exc
+        shards = []
+        for name in self.meta["shards"]:
+            tensors, _ = read_safetensors(self.folder / str(name), "features shard", format=FORMAT)
+            if "hidden" not in tensors:
+                raise UserError(f"features shard '{self.folder / name}' misses the tensor 'hidden'")
+            shards.append(tensors["hidden"])
         rows = torch.cat(shards).float()
         if rows.shape != (self.meta["rows"], self.meta["hidden_size"]):
             raise UserError(f"features folder '{self.folder}' is damaged: rows {tuple(rows.shape)}, meta.json "

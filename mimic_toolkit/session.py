@@ -207,6 +207,9 @@ def _optimise(inversion, run, config, adapter, progress, stop_requested, rank) -
         step = inversion.step + 1
         logging = step % config.log_every == 0 or step in (1, config.iterations)
         metrics = inversion.run_step(want_metrics=logging)
+        stopping = stop_requested()
+        if logging or stopping or step % config.checkpoint_every == 0:  # these steps sync anyway
+            _stop_if_nonfinite(inversion, run, step)
         if metrics:
             metrics["elapsed_s"] = round(time.perf_counter() - started, 3)
             run.append_metrics(metrics)
@@ -215,11 +218,20 @@ def _optimise(inversion, run, config, adapter, progress, stop_requested, rank) -
                           "target_tokens": targets, "rank": rank})
         if step % config.grid_every == 0:
             run.save_grid(adapter.denormalise(inversion.images.detach()), step)
-        stopping = stop_requested()
         if step % config.checkpoint_every == 0 or stopping:
             run.save_checkpoint(inversion.state_dict())
         if stopping and step < config.iterations:
             raise Interrupted(run, step)
+
+
+def _stop_if_nonfinite(inversion, run, step: int) -> None:
+    """Checked before a metrics line or a checkpoint is written, so neither ever holds NaN."""
+    bad = inversion.nonfinite_terms()
+    if bad:
+        kept = f"the last finite checkpoint is kept in {run.path}" if run.checkpoint_path.exists() else \
+            "no checkpoint was written yet"
+        raise UserError(f"the loss became non-finite by step {step} (non-finite: {', '.join(bad)}); "
+                        f"the run stopped and {kept}")
 
 
 def check_inputs(config: InversionConfig, spec: AdapterSpec, needs_checkpoint: bool = True):

@@ -48,8 +48,12 @@ def load_vector(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
             vector = f.get_tensor("vector").float()
     except (SafetensorError, OSError, json.JSONDecodeError) as exc:
         raise UserError(f"'{path}' is not a steering vector file ({exc})") from exc
-    if meta.get("format") != FORMAT or vector.dim() != 1:
-        raise UserError(f"'{path}' is not a steering vector file (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or vector.dim() != 1:
+        raise UserError(f"'{path}' is not a steering vector file (format "
+                        f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    for name in ("model", "site"):  # what `steer apply` reads
+        if not isinstance(meta.get(name), str):
+            raise UserError(f"steering vector file '{path}' is damaged: its meta needs {name!r} (str), has {meta.get(name)!r}")
     return vector, meta
 
 

@@ -142,7 +142,7 @@ def test_samples_whose_answer_lacks_the_word_are_skipped_and_an_empty_selection_
 def test_dataset_files_and_their_errors(tmp_path, images):
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": str(images / "0.png"), "id": "a", "labels": {"c": "red"}})
                                       + "\n" + json.dumps({"image": str(images / "1.png"), "question": "What?"}) + "\n")
-    first, second = load_samples(dataset=tmp_path / "d.jsonl", question="Q?")
+    first, second = load_samples(dataset=tmp_path / "d.jsonl", question="Q?", allow_outside=True)  # absolute paths
     assert (first.id, first.question, first.labels) == ("a", "Q?", {"c": "red"})
     assert (second.id, second.question) == ("1", "What?")
     for content, message in [("{oops", "is not JSON lines"), ('{"question": "q"}', 'needs an "image" path'),

@@ -1,6 +1,7 @@
 """Hostile inputs and faults (issue 12): each ends in exactly one `error:` line and exit code 2, with
 no traceback, and leaves every file as it was; a resumable run stays resumable to the bit-identical end."""
 import errno
+import json
 import os
 import pickle
 import shutil
@@ -392,3 +393,92 @@ def test_k_below_one_is_refused_by_the_library_too():
 @pytest.mark.parametrize("alpha", ["nan", "inf", "-inf"])
 def test_a_non_finite_steering_alpha_is_one_line(alpha):
     fails(invoke("steer", "apply", "--vector", "x", "--images", "x", "--alpha", alpha), "--alpha must be a finite number")
+
+
+# -- features folders, dataset files and steering vectors ---------------------------------------------
+@pytest.fixture(scope="module")
+def features(tiny_checkpoint, tmp_path_factory):
+    """A good features folder of two images, captured from a dataset file beside them."""
+    from lm_helpers import colour_images
+
+    folder = tmp_path_factory.mktemp("features")
+    colour_images(folder / "images", ["red", "blue"])
+    (folder / "data.jsonl").write_text("".join(json.dumps({"image": f"images/{n}.png"}) + "\n" for n in range(2)))
+    result = invoke("capture", "--model", "llava-llama3", "--checkpoint", tiny_checkpoint, "--dataset",
+                    folder / "data.jsonl", "--site", "lm.1", "--tokens", "last-prompt", "--out", folder / "f")
+    assert result.exit_code == 0, result.output
+    return folder / "f"
+
+
+def _edit_json(name, change, lines=False):
+    def edit(folder: Path):
+        path = folder / name
+        if lines:
+            values = [json.loads(line) for line in path.read_text().splitlines()]
+            path.write_text("".join(json.dumps(change(n, value)) + "\n" for n, value in enumerate(values)))
+        else:
+            path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    return edit
+
+
+def _without(key):
+    return lambda value: {k: v for k, v in value.items() if k != key}
+
+
+FEATURES_FAULTS = {
+    "meta-without-rows": (_edit_json("meta.json", _without("rows")), "meta.json needs 'rows'"),
+    "meta-without-checkpoint": (_edit_json("meta.json", _without("checkpoint")), "meta.json needs 'checkpoint'"),
+    "meta-not-json": (lambda d: (d / "meta.json").write_text("{oops"), "meta.json' is not valid JSON"),
+    "entry-without-rows": (_edit_json("index.jsonl", lambda n, e: _without("rows")(e) if n == 1 else e, lines=True),
+                           "index.jsonl line 2 needs", '"rows"'),
+    "index-not-utf8": (lambda d: (d / "index.jsonl").write_bytes(b'{"id": "\xff"}\n'), "cannot read", "index.jsonl"),
+    "index-not-json": (lambda d: (d / "index.jsonl").open("a").write("{oops\n"), "index.jsonl' line 3 is not valid JSON"),
+    "shard-truncated": (lambda d: (d / "shard-00000.safetensors").write_bytes(b"\x10"), "shard-00000", "truncated"),
+    "shard-without-hidden": (lambda d: save_file({"other": torch.zeros(2)}, d / "shard-00000.safetensors",
+                                                 metadata={"format": "mimic-features/1"}), "misses the tensor 'hidden'"),
+}
+
+
+@pytest.mark.parametrize("words", [True, False], ids=["words", "no-words"])
+@pytest.mark.parametrize("fault", FEATURES_FAULTS)
+def test_a_damaged_features_folder_is_one_line(features, tmp_path, fault, words):
+    damage, *fragments = FEATURES_FAULTS[fault]
+    folder = tmp_path / "f"
+    shutil.copytree(features, folder)
+    damage(folder)
+    before = snapshot(folder)
+    args = ["concepts", "fit", "--features", folder, "--method", "kmeans", "--k", 1, "--out", tmp_path / "c"]
+    fails(invoke(*args, *([] if words else ["--no-words"])), *fragments)
+    assert snapshot(folder) == before and not list(tmp_path.glob("c*"))
+
+
+def test_a_dataset_image_may_not_leave_its_folder(features, tiny_checkpoint, tmp_path):
+    dataset = tmp_path / "data" / "d.jsonl"
+    dataset.parent.mkdir()
+    capture = ["capture", "--model", "llava-llama3", "--checkpoint", tiny_checkpoint, "--site", "lm.1",
+               "--tokens", "last-prompt", "--dataset", dataset, "--out", tmp_path / "f"]
+    dataset.write_text(json.dumps({"image": "../../../../etc/passwd"}) + "\n")
+    fails(invoke(*capture), "entry 0", "'../../../../etc/passwd' is outside the dataset's folder", "--allow-outside")
+    dataset.write_text(json.dumps({"image": str(features.parent / "images" / "0.png")}) + "\n")
+    fails(invoke(*capture), "entry 0", "is outside the dataset's folder")
+    assert not (tmp_path / "f").exists()
+    assert invoke(*capture, "--allow-outside").exit_code == 0
+
+
+def test_a_dataset_file_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "d.jsonl").write_bytes(b'{"image": "\xff.png"}\n')
+    fails(invoke("capture", "--site", "lm.1", "--tokens", "all", "--dataset", tmp_path / "d.jsonl"),
+          "cannot read dataset file", "d.jsonl")
+
+
+VECTOR_FAULTS = {
+    "meta-a-list": ('["mimic-steering/1"]', "is not a steering vector file"),
+    "meta-without-site": ('{"format": "mimic-steering/1", "model": "llava-llama3"}', "its meta needs 'site'"),
+}
+
+
+@pytest.mark.parametrize("fault", VECTOR_FAULTS)
+def test_a_damaged_steering_vector_is_one_line(tmp_path, fault):
+    meta, message = VECTOR_FAULTS[fault]
+    save_file({"vector": torch.zeros(8)}, tmp_path / "v.safetensors", metadata={"meta": meta})
+    fails(invoke("steer", "apply", "--vector", tmp_path / "v.safetensors", "--images", tmp_path), message, "v.safetensors")

@@ -23,6 +23,7 @@ from .adapter import VLMAdapter
 from .atomic import PartialFolder, refuse_existing
 from .engine import format_prompt
 from .errors import UserError
+from .jsonfile import read_json_lines
 from .features import adapter_revision, find_images, open_rgb
 from .lm import LMRecorder
 from .tensorfile import read_safetensors
@@ -324,23 +325,6 @@ def _is_span(rows) -> bool:
             and 0 <= rows[0] <= rows[1])
 
 
-def _json_lines(path: Path, whole: bool = False) -> list:
-    """The JSON values of a file's lines (or, `whole`, of the file), or one UserError naming the line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read '{path}': {exc}") from exc
-    lines = [text] if whole else text.splitlines()
-    values = []
-    for n, line in enumerate(lines, 1):
-        if line.strip() or whole:
-            try:
-                values.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"'{path}'{'' if whole else f' line {n}'} is not valid JSON: {exc}") from exc
-    return values
-
-
 class Features:
     """A features folder: `meta`, `index` (one dict per sample), and the rows on demand."""
 
@@ -354,14 +338,14 @@ class Features:
         folder = Path(folder)
         if not (folder / "meta.json").is_file():
             raise UserError(f"'{folder}' is not a features folder (no meta.json; make one with `mimic capture`)")
-        (meta,) = _json_lines(folder / "meta.json", whole=True)
+        (meta,) = read_json_lines(folder / "meta.json", whole=True)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise UserError(f"'{folder}' is not a features folder (format {meta.get('format') if isinstance(meta, dict) else None!r})")
         for name, kind in META_FIELDS.items():
             if not isinstance(meta.get(name), kind) or kind is int and meta[name] < 0:
                 raise UserError(f"features folder '{folder}' is damaged: meta.json needs {name!r} "
                                 f"({kind.__name__}), has {meta.get(name)!r}")
-        index = _json_lines(folder / "index.jsonl")
+        index = read_json_lines(folder / "index.jsonl")
         for n, entry in enumerate(index, 1):
             if not (isinstance(entry, dict) and isinstance(entry.get("id"), str) and isinstance(entry.get("image"), str)
                     and _is_span(entry.get("rows"))):

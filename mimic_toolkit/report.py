@@ -2,10 +2,11 @@
 the P(target) table. Opens with a double click; needs no server and no internet."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from .errors import UserError
 from .htmlkit import Html, block, facts, figure, heading, image, page, table, text
+from .jsonfile import read_json_lines
 
 CURVE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#e377c2")
 
@@ -13,7 +14,7 @@ CURVE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b
 def write_report(folder: str | Path) -> Path:
     folder = Path(folder)
     rows = _metrics(folder)
-    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
+    manifest = _objects(folder / "manifest.json", whole=True)[0] if (folder / "manifest.json").is_file() else {}
     concept = manifest.get("concept", {})
     title = f"{manifest.get('model', '?')}: {concept.get('target', '')}"
     finals = sorted((folder / "images").glob("*.png"))
@@ -36,7 +37,16 @@ def _metrics(folder: Path) -> list[dict]:
         path = next(iter(sorted(folder.glob("metrics*.jsonl"))), None)
     if path is None:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return _objects(path)
+
+
+def _objects(path: Path, whole: bool = False) -> list[dict]:
+    """The JSON objects of a run folder's file; a damaged one is one UserError naming it and the line."""
+    values = read_json_lines(path, whole)
+    for n, value in enumerate(values, 1):
+        if not isinstance(value, dict):
+            raise UserError(f"'{path}'{'' if whole else f' line {n}'} is not a JSON object")
+    return values
 
 
 def _summary(manifest: dict, rows: list[dict]) -> str:

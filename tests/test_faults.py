@@ -278,7 +278,7 @@ def test_the_outputs_parent_is_a_file(tmp_path):
 
 @pytest.mark.parametrize("errno_", [errno.EROFS, errno.EACCES])
 def test_a_read_only_file_system(tmp_path, monkeypatch, errno_):
-    monkeypatch.setattr(Path, "mkdir", _failing(Path.mkdir, errno_, lambda path: "run" in str(path)))
+    monkeypatch.setattr(Path, "mkdir", _failing(Path.mkdir, errno_, lambda path: path.is_relative_to(tmp_path)))
     fails(invoke(*RUN, "--outputs", tmp_path / "out" / "run"), "cannot write", os.strerror(errno_))
     assert not list(tmp_path.iterdir())
 
@@ -482,3 +482,22 @@ def test_a_damaged_steering_vector_is_one_line(tmp_path, fault):
     meta, message = VECTOR_FAULTS[fault]
     save_file({"vector": torch.zeros(8)}, tmp_path / "v.safetensors", metadata={"meta": meta})
     fails(invoke("steer", "apply", "--vector", tmp_path / "v.safetensors", "--images", tmp_path), message, "v.safetensors")
+
+
+REPORT_FAULTS = {
+    "metrics-truncated-line": ("metrics.jsonl", lambda text: text + '{"step": 5, "lo', "metrics.jsonl' line 3 is not valid JSON"),
+    "metrics-not-an-object": ("metrics.jsonl", lambda text: "[1, 2]\n" + text, "metrics.jsonl' line 1 is not a JSON object"),
+    "manifest-truncated": ("manifest.json", lambda text: text[:20], "manifest.json' is not valid JSON"),
+    "manifest-a-list": ("manifest.json", lambda text: "[]", "manifest.json' is not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("fault", REPORT_FAULTS)
+def test_a_report_of_a_damaged_run_folder_is_one_line(straight, tmp_path, fault):
+    name, damage, message = REPORT_FAULTS[fault]
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    (run / name).write_text(damage((run / name).read_text()))
+    before = snapshot(run)
+    fails(invoke("report", run), message)
+    assert snapshot(run) == before

@@ -143,7 +143,7 @@ def test_analysis_bad_inputs(tiny_checkpoint, data):
 
     (data / "broken").mkdir()
     (data / "broken" / "meta.json").write_text("{not json")
-    assert_user_error(invoke("concepts", "fit", "--features", "broken", "--no-words"), "is damaged")
+    assert_user_error(invoke("concepts", "fit", "--features", "broken", "--no-words"), "meta.json' is not valid JSON")
     assert_user_error(invoke("shift", "--original", "last", "--finetuned", "images", "--no-words"),
                       "is not a features folder")
     (data / "junk.safetensors").write_text("junk")

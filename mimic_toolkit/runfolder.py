@@ -2,9 +2,11 @@
 `<name>` only when complete, so a finished-looking folder is never half-written."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
+import socket
 import shutil
 import subprocess
 import time
@@ -22,6 +24,10 @@ from .tensorfile import read_safetensors
 CHECKPOINT_FORMAT = "mimic-checkpoint/1"
 
 
+class RunBusy(UserError):
+    """Another live process holds the run's lock (a requeued job while the first still runs)."""
+
+
 class RunFolder(PartialFolder):
     """Stays `<name>.partial` when a run stops early, so `--resume` can continue it."""
 
@@ -30,19 +36,64 @@ class RunFolder(PartialFolder):
         self.rank, self.world_size = rank, world_size
         # per-process files carry the rank only when there is more than one process
         self.tag = f".rank{rank}" if world_size > 1 else ""
+        # beside the run, not in it: it must exist before the `.partial` folder does; hidden, so a
+        # sweep's index (`c*`) does not list it
+        self.lock_path = self.final.with_name(f".{self.final.name}.lock")
+        self._lock_fd: int | None = None
+
+    def lock(self) -> None:
+        """Hold an exclusive OS lock on this run until `unlock` (or the process's end: the OS releases
+        a flock when its holder dies, so a lock file a killed process left behind locks nothing)."""
+        with writing(self.path):
+            if not self.final.parent.exists():  # a parent that is a file: 'Not a directory' below
+                self.final.parent.mkdir(parents=True)
+            while True:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.read(fd, 200).decode(errors="replace").strip() or "pid unknown"
+                    os.close(fd)
+                    raise RunBusy(f"'{self.final}' is being run by another process ({holder})") from None
+                # the last holder may have removed the file after we opened it: locking that one is no lock
+                if self.lock_path.exists() and os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino:
+                    break
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            self.lock_path.unlink(missing_ok=True)  # while still held, so no one else's file is removed
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     @classmethod
-    def for_resume(cls, given: str | os.PathLike, rank: int = 0, world_size: int = 1) -> "RunFolder":
+    def for_resume(cls, given: str | os.PathLike, rank: int = 0, world_size: int = 1, *,
+                   lock: bool = False) -> "RunFolder":
+        """The run to continue, checked; `lock`: locked (see `lock`) before it is checked."""
         path = Path(given)
         final = path.with_name(path.name[: -len(PARTIAL)]) if path.name.endswith(PARTIAL) else path
         run = cls(final, rank, world_size)
-        if not run.path.is_dir():
-            if run.final.is_dir():
-                raise UserError(f"run '{run.final}' is already complete; nothing to resume")
-            raise UserError(f"resume folder '{given}' does not exist")
-        if not (run.path / "config.yaml").is_file() or not run.checkpoint_path.is_file():
-            raise UserError(f"'{run.path}' is not a resumable run (no config.yaml or {run.checkpoint_path.name})")
+        if lock:
+            run.lock()
+        try:
+            run._check_resumable(given)
+        except UserError:
+            if not lock:  # a live run without a checkpoint yet is busy, not broken
+                run.lock()
+            run.unlock()
+            raise
         return run
+
+    def _check_resumable(self, given) -> None:
+        if not self.path.is_dir():
+            if self.final.is_dir():
+                raise UserError(f"run '{self.final}' is already complete; nothing to resume")
+            raise UserError(f"resume folder '{given}' does not exist")
+        if not (self.path / "config.yaml").is_file() or not self.checkpoint_path.is_file():
+            raise UserError(f"'{self.path}' is not a resumable run (no config.yaml or {self.checkpoint_path.name})")
 
     def create(self) -> None:
         refuse_existing(self.final, "--outputs")

@@ -115,40 +115,50 @@ def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | 
     concept, stats = check_inputs(config, spec, needs_checkpoint=adapter is None)
     procs = Processes(config.device)
     run = _run_folder(config, spec, concept, procs, resume)
-    adapter = adapter or load_configured(registry, config, procs.device)
-    _use_resolution(adapter, config, spec)
-    prompt = format_prompt(adapter, concept.chat_sequence)
-    if stats is not None:
-        stats.check_matches(adapter, spec.id, config.resolution, config.stats or spec.stats or "",
-                            sites=vision_sites(adapter, config.feature_sites))
-    lm_objective = parse_objective(config.objective, adapter, spec.id, prompt, config.objective_positions) \
-        if config.objective else None
-    inversion = build_inversion(registry, adapter, prompt, config, stats, rank=procs.rank, lm_objective=lm_objective)
-    if procs.rank == 0 and not resume:
-        run.create()  # before the try: a folder that was there already is never removed
     try:
-        info = _restore(inversion, run) if resume else _start(run, config, adapter, concept, procs)
-        first_step, started = inversion.step, time.perf_counter()
-        _optimise(inversion, run, config, adapter, progress if procs.rank == 0 else None, stop_requested,
-                  procs.rank)
-        return _finish(run, inversion, adapter, info, procs, config.iterations - first_step,
-                       time.perf_counter() - started)
-    except Exception:
-        # a failure before the first checkpoint (a full disk, say) leaves nothing worth resuming
-        if not run.checkpoint_path.exists() and procs.rank == 0:
-            shutil.rmtree(run.path, ignore_errors=True)
-        raise
+        adapter = adapter or load_configured(registry, config, procs.device)
+        _use_resolution(adapter, config, spec)
+        prompt = format_prompt(adapter, concept.chat_sequence)
+        if stats is not None:
+            stats.check_matches(adapter, spec.id, config.resolution, config.stats or spec.stats or "",
+                                sites=vision_sites(adapter, config.feature_sites))
+        lm_objective = parse_objective(config.objective, adapter, spec.id, prompt, config.objective_positions) \
+            if config.objective else None
+        inversion = build_inversion(registry, adapter, prompt, config, stats, rank=procs.rank, lm_objective=lm_objective)
+        if procs.rank == 0 and not resume:
+            run.create()  # before the try: a folder that was there already is never removed
+        try:
+            info = _restore(inversion, run) if resume else _start(run, config, adapter, concept, procs)
+            first_step, started = inversion.step, time.perf_counter()
+            _optimise(inversion, run, config, adapter, progress if procs.rank == 0 else None, stop_requested,
+                      procs.rank)
+            return _finish(run, inversion, adapter, info, procs, config.iterations - first_step,
+                           time.perf_counter() - started)
+        except Exception:
+            # a failure before the first checkpoint (a full disk, say) leaves nothing worth resuming
+            if not run.checkpoint_path.exists() and procs.rank == 0:
+                shutil.rmtree(run.path, ignore_errors=True)
+            raise
+        finally:
+            inversion.close()
     finally:
-        inversion.close()
+        run.unlock()
 
 
 def _run_folder(config: InversionConfig, spec: AdapterSpec, concept, procs: Processes, resume: str | None) -> RunFolder:
+    """The run's folder; on rank 0, locked against a second process (released by `run_inversion`)."""
     if resume:
-        return RunFolder.for_resume(resume, procs.rank, procs.world_size)
+        return RunFolder.for_resume(resume, procs.rank, procs.world_size, lock=procs.rank == 0)
     default = Path("runs") / f"{spec.id}-{_slug(concept)}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = RunFolder(Path(procs.share(config.outputs or str(default))), procs.rank, procs.world_size)
-    if procs.rank == 0 and (run.final.exists() or run.path.exists()):
-        run.create()  # raises the right message before the model is loaded
+    if procs.rank == 0:
+        run.lock()
+        if run.final.exists() or run.path.exists():
+            try:
+                run.create()  # raises the right message before the model is loaded
+            except UserError:
+                run.unlock()
+                raise
     return run
 
 

@@ -12,7 +12,7 @@ from .errors import UserError
 from .htmlkit import heading, image, link, page, table
 from .prompts import IMAGENET_PROMPTS, load_prompts
 from .registry import Registry
-from .runfolder import RunFolder
+from .runfolder import RunBusy, RunFolder
 from .session import Processes, build_config, load_configured, run_inversion
 
 
@@ -55,16 +55,26 @@ def run_sweep(registry: Registry, config: InversionConfig, folder: Path, classes
         adapter = adapter or load_configured(registry, config, Processes(config.device).device)
         settings = replace(config, class_index=class_index, prompts=prompts, outputs=str(final), scales=dict(config.scales))
         resume = str(partial) if RunFolder(final).checkpoint_path.is_file() else None
-        if partial.is_dir() and not resume:
-            raise UserError(f"'{partial}' is an unfinished run without a checkpoint; remove it to start the class again")
-        if resume:  # the interrupted run must have been made with these same settings
-            settings = build_config(registry, settings.to_dict(), resume=resume)
-        say(f"class {class_index}: {'resuming' if resume else 'starting'}")
-        done.append(run_inversion(registry, settings, resume=resume, progress=progress,
-                                  stop_requested=stop_requested, adapter=adapter))
+        try:
+            _check_free(final)  # before "starting": a class another process runs is one line
+            if resume:  # the interrupted run must have been made with these same settings
+                settings = build_config(registry, settings.to_dict(), resume=resume)
+            say(f"class {class_index}: {'resuming' if resume else 'starting'}")
+            done.append(run_inversion(registry, settings, resume=resume, progress=progress,
+                                      stop_requested=stop_requested, adapter=adapter))
+        except RunBusy as exc:  # the same shard started twice: the other process finishes this class
+            say(f"class {class_index}: {exc}; skipped")
+            continue
         write_index(folder)
     write_index(folder)
     return done
+
+
+def _check_free(final: Path) -> None:
+    """Raises RunBusy when another process holds the run's lock (`run_inversion` takes it for good)."""
+    probe = RunFolder(final)
+    probe.lock()
+    probe.unlock()
 
 
 def write_index(folder: Path) -> Path:

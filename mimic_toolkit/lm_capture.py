@@ -316,8 +316,8 @@ class FeatureWriter:
 
 
 # -- reading -------------------------------------------------------------------------------------
-META_FIELDS = {"model": str, "checkpoint": str, "site": str, "selector": str, "hidden_size": int, "samples": int,
-               "rows": int, "shards": list}  # what the commands read
+META_FIELDS = {"model": str, "checkpoint": str, "revision": str, "site": str, "selector": str, "hidden_size": int,
+               "samples": int, "rows": int, "shards": list}  # what the commands read
 
 
 def _is_span(rows) -> bool:

@@ -428,6 +428,8 @@ def _without(key):
 FEATURES_FAULTS = {
     "meta-without-rows": (_edit_json("meta.json", _without("rows")), "meta.json needs 'rows'"),
     "meta-without-checkpoint": (_edit_json("meta.json", _without("checkpoint")), "meta.json needs 'checkpoint'"),
+    "meta-hidden-size-a-string": (_edit_json("meta.json", lambda meta: {**meta, "hidden_size": "64"}),
+                                  "meta.json needs 'hidden_size' (int), has '64'"),
     "meta-not-json": (lambda d: (d / "meta.json").write_text("{oops"), "meta.json' is not valid JSON"),
     "entry-without-rows": (_edit_json("index.jsonl", lambda n, e: _without("rows")(e) if n == 1 else e, lines=True),
                            "index.jsonl line 2 needs", '"rows"'),

@@ -9,6 +9,7 @@ import platform
 import socket
 import shutil
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -92,14 +93,26 @@ class RunFolder(PartialFolder):
             if self.final.is_dir():
                 raise UserError(f"run '{self.final}' is already complete; nothing to resume")
             raise UserError(f"resume folder '{given}' does not exist")
-        if not (self.path / "config.yaml").is_file() or not self.checkpoint_path.is_file():
-            raise UserError(f"'{self.path}' is not a resumable run (no config.yaml or {self.checkpoint_path.name})")
+        if not self.checkpoint_path.is_file():  # what `check_new` restarts
+            raise UserError(f"'{self.path}' is not a resumable run: it stopped before its first "
+                            f"{self.checkpoint_path.name}; rerun without --resume to start it again")
+        if not (self.path / "config.yaml").is_file():
+            raise UserError(f"'{self.path}' is not a resumable run (no config.yaml)")
 
-    def create(self) -> None:
+    def check_new(self) -> None:
+        """Before a new run (with its lock held): refuse a finished or resumable run of this name;
+        remove one that stopped before its first checkpoint (kill -9, a full disk), saying so."""
         refuse_existing(self.final, "--outputs")
-        if self.path.exists():
+        if self.checkpoint_path.is_file():
             raise UserError(f"'{self.path}' holds an unfinished run; continue it with --resume {self.path} "
                             "or remove it")
+        if self.path.exists():
+            print(f"'{self.path}' stopped before its first checkpoint; starting it again", file=sys.stderr)
+            with writing(self.path):
+                shutil.rmtree(self.path)
+
+    def create(self) -> None:
+        self.check_new()
         with writing(self.path):
             (self.path / "images").mkdir(parents=True)
             (self.path / "grids").mkdir()

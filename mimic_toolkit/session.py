@@ -155,7 +155,7 @@ def _run_folder(config: InversionConfig, spec: AdapterSpec, concept, procs: Proc
         run.lock()
         if run.final.exists() or run.path.exists():
             try:
-                run.create()  # raises the right message before the model is loaded
+                run.check_new()  # before the model is loaded
             except UserError:
                 run.unlock()
                 raise

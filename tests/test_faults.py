@@ -307,6 +307,23 @@ def test_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch, straight, 
     resumes_to_the_same_end(partial, straight)
 
 
+def test_a_run_that_died_before_its_first_checkpoint_is_restarted(partial, straight):
+    """kill -9 or a full disk before the first checkpoint: --resume and a rerun agree (restart it)."""
+    (partial / "checkpoint.safetensors").rename(partial / "checkpoint.safetensors.partial")  # half-written
+    fails(invoke("invert", "--resume", partial, "--quiet"), "not a resumable run", "rerun without --resume")
+    result = invoke(*RUN, "--outputs", partial.with_name("run"))
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().splitlines() == [f"'{partial}' stopped before its first checkpoint; starting it again"]
+    for image in (straight / "images").iterdir():
+        assert (partial.with_name("run") / "images" / image.name).read_bytes() == image.read_bytes()
+
+
+def test_a_rerun_of_a_run_with_a_checkpoint_says_resume(partial):
+    before = snapshot(partial)
+    fails(invoke(*RUN, "--outputs", partial.with_name("run")), "holds an unfinished run", f"--resume {partial}")
+    assert snapshot(partial) == before
+
+
 # -- checkpoint folders --------------------------------------------------------------------------
 def _config_with(folder: Path, **text_config):
     import json

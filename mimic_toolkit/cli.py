@@ -178,6 +178,11 @@ def compare(
                          _per_model(checkpoint, "--checkpoint"), _per_model(stats, "--stats"),
                          say=lambda m: typer.echo(m, err=True))
     typer.echo(f"comparison folder: {folder}\nreport:            {folder / 'report.html'}")
+    rows = json.loads((folder / "comparison.json").read_text())["models"]
+    failed = [model for model, row in rows.items() if "error" in row or "scoring_error" in row]
+    if failed:  # the report is complete, but a script must not take it for a full comparison
+        typer.echo(f"failed: {', '.join(failed)} (see the report)", err=True)
+        raise typer.Exit(1)
 
 
 SITES_HELP = InversionConfig.__dataclass_fields__["feature_sites"].metadata["help"]  # as `mimic invert` says

@@ -1,20 +1,25 @@
 """`mimic compare`: one concept, the same seed and settings, several models; then every model's
 images scored by every model (a transfer matrix: what one model "sees" that another recognises).
-A model that fails (missing checkpoint, out of memory) is reported and the others still run."""
+A model that fails in any way (a corrupt checkpoint, out of memory) is reported and the others still
+run. A rerun after a crash keeps the finished runs of the models (they took long) and resumes an
+interrupted one, when they were made with the same settings."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import torch
+import yaml
 from PIL import Image, ImageDraw
 
-from .atomic import PartialFolder, refuse_existing
+from .atomic import PartialFolder, refuse_existing, writing
 from .errors import UserError
 from .htmlkit import heading, image, page, span, table
 from .registry import Registry
 from .engine import format_prompt
-from .session import Processes, build_config, check_inputs, concept_of, load_configured, run_inversion
+from .runfolder import RunFolder
+from .session import (RESUME_MAY_CHANGE, Processes, build_config, check_inputs, concept_of, load_configured,
+                      run_inversion)
 
 THUMB = 128
 
@@ -37,24 +42,48 @@ def run_compare(registry: Registry, models: list[str], flags: dict, folder: Path
             problems.append(f"{spec.id}: {exc}")
     if problems:
         raise UserError("; ".join(problems))
-    output = PartialFolder(folder)  # left as it is on failure: its finished runs took long
-    work = output.start()
+    output = PartialFolder(folder)  # never `start`ed: that would remove an earlier attempt's finished runs
+    work = output.path
+    with writing(work):
+        work.mkdir(parents=True, exist_ok=True)
     results = {}
     for model, config in configs.items():
         config.outputs = str(work / model)
         notes = [] if config.scales.get("feature") else ["feature statistics off"]
-        say(f"{model}: inverting")
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()  # each model's own peak, not the largest so far
         try:
-            run = run_inversion(registry, config)
+            run = _run_model(registry, model, config, say)
             results[model] = {"run": run, "config": config, "notes": notes, **_run_summary(run)}
-        except (UserError, RuntimeError, OSError) as exc:  # e.g. a corrupt checkpoint, out of memory
-            results[model] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "notes": notes}
+        except Exception as exc:  # any kind: one bad model must not cost the others' hours
+            results[model] = {"error": _one_line(exc), "notes": notes}
             say(f"{model}: failed: {results[model]['error']}")
-    matrix = _transfer_matrix(registry, results, flags)
+    matrix = _transfer_matrix(registry, results, say)
     _write(work, results, matrix)
     return output.finish()
+
+
+def _run_model(registry: Registry, model: str, config, say) -> Path:
+    """The model's run: kept from an earlier attempt, resumed from its checkpoint, or started."""
+    final = Path(config.outputs)
+    if final.is_dir():
+        stored = yaml.safe_load((final / "config.yaml").read_text(encoding="utf-8"))
+        changed = sorted(k for k, v in config.to_dict().items()
+                         if v is not None and k not in RESUME_MAY_CHANGE and stored.get(k) != v)
+        if changed:
+            raise UserError(f"'{final}' was made with other settings ({', '.join(changed)}); remove it to run "
+                            "the model again")
+        say(f"{model}: finished earlier, kept")
+        return final
+    resume = str(RunFolder(final).path) if RunFolder(final).checkpoint_path.is_file() else None
+    if resume:  # checked, as by `mimic invert --resume`, to have been made with these settings
+        config = build_config(registry, config.to_dict(), resume=resume)
+    say(f"{model}: {'resuming' if resume else 'inverting'}")
+    return run_inversion(registry, config, resume=resume)
+
+
+def _one_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def _run_summary(run: Path) -> dict:
@@ -65,32 +94,42 @@ def _run_summary(run: Path) -> dict:
             "ms_per_step": manifest["timings"][-1]["ms_per_step"], "target": manifest["concept"]["target"]}
 
 
-def _transfer_matrix(registry, results, flags) -> dict:
+def _transfer_matrix(registry, results, say) -> dict:
     """P(target) and whether the greedy answer names the target, for every (inverted by, scored by).
     Each judge is loaded again, one at a time: keeping every model resident from its own run would
-    need all of them in GPU memory at once."""
+    need all of them in GPU memory at once. A judge that fails is noted in its row; the others score."""
     done = {m: r for m, r in results.items() if "error" not in r}
     matrix = {}
     for judge, result in done.items():
-        config = result["config"]
-        spec = registry.adapter_spec(judge)
-        adapter = load_configured(registry, config, Processes(config.device).device)
-        adapter.use_resolution(config.resolution)
-        turns = list(concept_of(config, spec).chat_sequence)
-        prompt, question = format_prompt(adapter, turns), format_prompt(adapter, turns, target=False)
-        target = turns[-1][1].lower()
-        for source, other in done.items():
-            pictures = [Image.open(p) for p in sorted((other["run"] / "images").glob("*.png"))]
-            images = adapter.preprocess(pictures)
-            p = adapter.answer_probability(images, prompt)
-            answers = adapter.tokenizer.batch_decode(adapter.generate(images, question, prompt.n_target + 3),
-                                                     skip_special_tokens=True)
-            matrix[(source, judge)] = {"p_target": p.mean().item(),
-                                       "names_target": sum(target in a.lower() for a in answers) / len(answers)}
-        del adapter
+        try:
+            matrix.update(_judge(registry, judge, result, done))
+        except Exception as exc:
+            result["scoring_error"] = _one_line(exc)
+            say(f"{judge}: scoring failed: {result['scoring_error']}")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return matrix
+
+
+def _judge(registry, judge: str, result: dict, done: dict) -> dict:
+    """One judge's row of the matrix: its scores of every model's images."""
+    scores = {}
+    config = result["config"]
+    spec = registry.adapter_spec(judge)
+    adapter = load_configured(registry, config, Processes(config.device).device)
+    adapter.use_resolution(config.resolution or adapter.resolution)  # unset here for a kept or resumed run
+    turns = list(concept_of(config, spec).chat_sequence)
+    prompt, question = format_prompt(adapter, turns), format_prompt(adapter, turns, target=False)
+    target = turns[-1][1].lower()
+    for source, other in done.items():
+        pictures = [Image.open(p) for p in sorted((other["run"] / "images").glob("*.png"))]
+        images = adapter.preprocess(pictures)
+        p = adapter.answer_probability(images, prompt)
+        answers = adapter.tokenizer.batch_decode(adapter.generate(images, question, prompt.n_target + 3),
+                                                 skip_special_tokens=True)
+        scores[(source, judge)] = {"p_target": p.mean().item(),
+                                   "names_target": sum(target in a.lower() for a in answers) / len(answers)}
+    return scores
 
 
 def _write(work: Path, results: dict, matrix: dict) -> None:
@@ -131,8 +170,8 @@ def _report(work: Path, rows: dict, matrix: dict) -> str:
             continue
         terms = ", ".join(f"{k} {v:.3g}" for k, v in r["terms"].items())
         peak = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else "- (CPU)"
-        summary.append([model, f"{r['p_answer']:.3f}", f"{r['ms_per_step']} ms", peak,
-                        f"{terms} {'; '.join(r['notes'])}"])
+        notes = r["notes"] + ([f"scoring failed: {r['scoring_error']}"] if "scoring_error" in r else [])
+        summary.append([model, f"{r['p_answer']:.3f}", f"{r['ms_per_step']} ms", peak, f"{terms} {'; '.join(notes)}"])
     return page("mimic compare", heading("mimic compare"), image((work / "grid.png").read_bytes(), alt="grid"),
                 heading("Per model", 2),
                 table(["model", "P(target)", "time per step", "peak memory", "final loss terms"], summary),

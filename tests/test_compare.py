@@ -131,3 +131,20 @@ def test_a_kept_run_of_other_settings_is_refused_not_removed(tiny_checkpoint, in
     assert "made with other settings (iterations" in error and "remove it to run the model again" in error
     assert (in_tmp / "cmp" / "toy-shapes" / "checkpoint.safetensors").read_bytes() == before
     assert yaml.safe_load((in_tmp / "cmp" / "toy-shapes" / "config.yaml").read_text())["iterations"] == 3
+
+
+def test_a_rerun_resumes_an_interrupted_model_run(tiny_checkpoint, in_tmp):
+    from mimic_toolkit.registry import build_registry
+    from mimic_toolkit.session import Interrupted, build_config, run_inversion
+
+    registry = build_registry()
+    config = build_config(registry, {"model": "toy-shapes", "question": "What is in the image?", "answer": "a red circle",
+                                     "iterations": 2, "batch_size": 1, "scales": {"feature": 0.0},
+                                     "outputs": str(in_tmp / "cmp.partial" / "toy-shapes")})
+    with pytest.raises(Interrupted):
+        run_inversion(registry, config, stop_requested=lambda: True)  # stops after step 1
+    result = two(tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    assert "toy-shapes: resuming" in result.stderr
+    steps = [json.loads(line)["step"] for line in (in_tmp / "cmp" / "toy-shapes" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

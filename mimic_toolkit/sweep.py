@@ -57,6 +57,10 @@ def run_sweep(registry: Registry, config: InversionConfig, folder: Path, classes
         resume = str(partial) if RunFolder(final).checkpoint_path.is_file() else None
         try:
             _check_free(final)  # before "starting": a class another process runs is one line
+            if final.is_dir():  # finished by another process while this one loaded the model
+                say(f"class {class_index}: finished by another process, skipped")
+                done.append(final)
+                continue
             if resume:  # the interrupted run must have been made with these same settings
                 settings = build_config(registry, settings.to_dict(), resume=resume)
             say(f"class {class_index}: {'resuming' if resume else 'starting'}")

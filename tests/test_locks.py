@@ -56,7 +56,9 @@ def test_the_same_sweep_shard_started_twice_skips_the_live_class(tmp_path):
     _, first_err = first.communicate(timeout=600)
     assert first.returncode == 0 and second.returncode == 0, (first_err, second_err)
     said = [line for line in second_err.splitlines() if line.startswith("class 0")]
-    assert len(said) == 1 and "is being run by another process" in said[0] and said[0].endswith("skipped"), said
+    # while the second loads the model, the first may finish class 0 on a busy machine: skipped either way
+    assert len(said) == 1 and said[0].endswith("skipped"), said
+    assert "is being run by another process" in said[0] or "finished by another process" in said[0], said
     for run in ("c0", "c1"):  # each class run by one process: every step logged once
         logged = steps(tmp_path / "sw" / run / "metrics.jsonl")
         assert logged == sorted(set(logged)) and logged[-1] == STEPS

@@ -32,7 +32,7 @@ def load_model(name: str | None = None, *, checkpoint: str | None = None, device
         torch.bfloat16 if device.startswith("cuda") else torch.float32)
     options = LoadOptions(dtype=torch_dtype, device=device, device_map=device_map, revision=revision,
                           trust_remote_code=trust_remote_code)
-    adapter = registry.manager.hook.mimic_load_model(spec=spec, source=source, options=options)
+    adapter = registry.ask("mimic_load_model", spec=spec, source=source, options=options)
     adapter.spec, adapter.registry, adapter.checkpoint = spec, registry, source
     return adapter
 
@@ -40,13 +40,13 @@ def load_model(name: str | None = None, *, checkpoint: str | None = None, device
 def vision_sites(adapter, selection: str | None = None) -> dict:
     """The vision-tower sites whose statistics a run matches: `selection` (`--feature-sites`)
     resolved by the `mimic_vision_sites` hook; None: the default sites."""
-    return _registry_of(adapter).manager.hook.mimic_vision_sites(adapter=adapter, selection=selection)
+    return _registry_of(adapter).ask("mimic_vision_sites", adapter=adapter, selection=selection)
 
 
 def format_prompt(adapter, turns: list[tuple[str, str]], target: bool = True):
     """Chat turns [(user, assistant), ...] -> `Prompt`, through the `mimic_format_prompt` hook.
     With `target=False` the last assistant message is left out (a prompt to generate from)."""
-    return _registry_of(adapter).manager.hook.mimic_format_prompt(adapter=adapter, turns=list(turns), target=target)
+    return _registry_of(adapter).ask("mimic_format_prompt", adapter=adapter, turns=list(turns), target=target)
 
 
 def resolve_device(option: str) -> str:

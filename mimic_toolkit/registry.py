@@ -51,17 +51,31 @@ class Registry:
     def call(self, plugin, hook_name: str, **kwargs) -> bool:
         """Call one plugin's implementation of a hook. If it raises (or exits), that is one warning
         line and the plugin is unregistered, so False; the core's own failures are bugs and propagate."""
+        return self._answer(plugin, hook_name, kwargs, passes_user_errors=False) is not _FAILED
+
+    def ask(self, hook_name: str, **kwargs):
+        """One of the engine's questions (a firstresult hook), asked plugin by plugin in pluggy's
+        order: the first non-None answer wins, and a plugin whose answer raises is one warning line
+        and left out, so the next one answers (in the end the core's default)."""
+        for plugin in self.implementers(hook_name):
+            answer = self._answer(plugin, hook_name, kwargs, passes_user_errors=True)
+            if answer is not None and answer is not _FAILED:
+                return answer
+        return None
+
+    def _answer(self, plugin, hook_name: str, kwargs: dict, *, passes_user_errors: bool):
+        """One plugin's answer, or _FAILED. `passes_user_errors`: a UserError (an engine hook's word
+        on bad input, such as a missing checkpoint) is the user's one line, not the plugin's fault."""
         others = [p for p in self.implementers(hook_name) if p is not plugin]
         name = self.manager.get_name(plugin)
         try:
-            self.manager.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
-            return True
+            return self.manager.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
         except (Exception, SystemExit) as exc:  # SystemExit: a plugin's sys.exit() must not end the CLI
-            if name == "core":
+            if name == "core" or (passes_user_errors and isinstance(exc, UserError)):
                 raise
             self.manager.unregister(plugin)
             _plugin_failed(f"plugin '{name}' failed in {hook_name}: {_describe(exc)}", exc)
-            return False
+            return _FAILED
 
     def _collect(self, hook_name: str) -> list:
         """Call a registration hook one plugin at a time so that each record is tagged with its
@@ -140,6 +154,9 @@ class Registry:
                                 f"'{specs[spec.name].plugin}' and '{spec.plugin}'")
             specs[spec.name] = spec
         return specs
+
+
+_FAILED = object()  # a plugin's hook raised: it was reported and unregistered
 
 
 def _wanted() -> set[str] | None:

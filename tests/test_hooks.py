@@ -139,3 +139,33 @@ def tiny_qwen_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen")
     Qwen2VLAdapter.tiny().save(folder)
     return folder
+
+
+class Broken:
+    """Every engine question raises, for every model: a plugin bug, not bad input."""
+
+    @hookimpl
+    def mimic_load_model(self, spec, source, options):
+        raise RuntimeError("load bug")
+
+    @hookimpl
+    def mimic_format_prompt(self, adapter, turns, target):
+        raise KeyError("prompt bug")
+
+
+def test_a_plugin_whose_answer_raises_is_one_warning_and_the_default_answers(tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.delenv("MIMIC_STRICT_PLUGINS", raising=False)
+    registry = build_registry({"broken": Broken()})
+    adapter = load_model("llava-llama3", checkpoint=str(tiny_checkpoint), device="cpu", registry=registry)
+    turns = [("What is in the image?", "a red circle")]
+    assert format_prompt(adapter, turns).input_ids.tolist() == adapter.build_prompt(turns).input_ids.tolist()
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 1 and "'broken' failed in mimic_load_model" in warnings[0]  # then it is left out
+
+
+def test_a_plugins_user_error_is_the_users_one_line(tmp_path):
+    from mimic_toolkit.errors import UserError
+
+    registry = build_registry({"overrides": Overrides()})  # it loads through the adapter's own checks
+    with pytest.raises(UserError, match="does not exist"):
+        load_model("llava-llama3", checkpoint=str(tmp_path / "nowhere"), device="cpu", registry=registry)

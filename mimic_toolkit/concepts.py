@@ -23,6 +23,7 @@ from .lm_capture import Features
 from .decompose import Decomposition, fit, purity
 from .errors import UserError
 from .htmlkit import Html, block, facts, figure, heading, image, page, paragraph, span, text
+from .tensorfile import refuse_nonfinite
 
 FORMAT = "mimic-concepts/1"
 # Function words that say nothing about a concept (English; lower case).
@@ -67,6 +68,7 @@ class ConceptSet:
             meta = json.loads(header.get("meta", "{}"))
         except (SafetensorError, OSError, json.JSONDecodeError) as exc:
             raise UserError(f"'{source}' is not a concepts file ({exc})") from exc
+        refuse_nonfinite(tensors, path)
         if header.get("format") != FORMAT or "vectors" not in tensors:
             raise UserError(f"'{source}' is not a concepts file (format {header.get('format')!r})")
         d = Decomposition(meta["method"], tensors["vectors"].float(), tensors["mean"].float(), meta.get("sparsity", 0.0))

@@ -11,6 +11,7 @@ from .atomic import atomic_file
 from .lm_capture import Features, Sample, by_question, open_images, until_end
 from .engine import format_prompt
 from .errors import UserError
+from .tensorfile import refuse_nonfinite
 from .lm import PositionPolicy, Steering
 
 FORMAT = "mimic-steering/1"
@@ -48,6 +49,7 @@ def load_vector(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
             vector = f.get_tensor("vector").float()
     except (SafetensorError, OSError, json.JSONDecodeError) as exc:
         raise UserError(f"'{path}' is not a steering vector file ({exc})") from exc
+    refuse_nonfinite({"vector": vector}, path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or vector.dim() != 1:
         raise UserError(f"'{path}' is not a steering vector file (format "
                         f"{meta.get('format') if isinstance(meta, dict) else None!r})")

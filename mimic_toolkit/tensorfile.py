@@ -28,4 +28,12 @@ def read_safetensors(path: str | os.PathLike, what: str, *, format: str | None =
         raise UserError(f"'{path}' is not a {what}: truncated or damaged ({exc})") from exc
     if format is not None and meta.get("format") != format:
         raise UserError(f"'{path}' is not a {what} (format is {meta.get('format')!r}, not {format!r})")
+    refuse_nonfinite(data, path)
     return data, meta
+
+
+def refuse_nonfinite(tensors: dict[str, torch.Tensor], path) -> None:
+    """A loaded tensor with NaN or inf would run on silently into garbage: one line naming it."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"'{path}': its tensor '{key}' holds NaN or infinite values")

@@ -156,7 +156,7 @@ STATS_FAULTS = {
     "resolution-not-an-integer": (dict(meta={"resolution": "64px"}), "'resolution' metadata must be a positive integer"),
     "missing-tensor": (dict(drop=("vision.patch_embedding/mean",)), "misses the tensor 'vision.patch_embedding/mean'"),
     "nan-tensor": (dict(replace={"vision.patch_embedding/var": torch.full((64,), float("nan"))}),
-                   "'vision.patch_embedding/var' must be finite"),
+                   "'vision.patch_embedding/var' holds NaN or infinite values"),
 }
 
 
@@ -520,3 +520,21 @@ def test_a_report_of_a_damaged_run_folder_is_one_line(straight, tmp_path, fault)
     before = snapshot(run)
     fails(invoke("report", run), message)
     assert snapshot(run) == before
+
+
+def test_a_loaded_tensor_with_nan_is_one_line(tmp_path):
+    """Every file of tensors the toolkit reads (statistics, checkpoints, features, vectors, concepts)."""
+    from mimic_toolkit.steer import FORMAT, load_vector
+    from mimic_toolkit.errors import UserError
+
+
+    path = tmp_path / "v.safetensors"
+    save_file({"vector": torch.tensor([1.0, float("nan")])}, str(path),
+              metadata={"meta": json.dumps({"format": FORMAT, "model": "toy-shapes", "site": "lm.0"})})
+    with pytest.raises(UserError, match="'vector' holds NaN or infinite values"):
+        load_vector(path)
+    from mimic_toolkit.tensorfile import read_safetensors
+
+    save_file({"images": torch.tensor([float("inf")])}, str(tmp_path / "c.safetensors"))
+    with pytest.raises(UserError, match="'images' holds NaN or infinite values"):
+        read_safetensors(tmp_path / "c.safetensors", "checkpoint")

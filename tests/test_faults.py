@@ -538,3 +538,12 @@ def test_a_loaded_tensor_with_nan_is_one_line(tmp_path):
     save_file({"images": torch.tensor([float("inf")])}, str(tmp_path / "c.safetensors"))
     with pytest.raises(UserError, match="'images' holds NaN or infinite values"):
         read_safetensors(tmp_path / "c.safetensors", "checkpoint")
+
+
+@pytest.mark.parametrize("device, fragment", [("cuda:7", "device 'cuda:7' does not exist on this machine (it has: cpu"),
+                                              ("tpu", "device must be auto, cpu, cuda or cuda:N, not 'tpu'")])
+def test_a_device_this_machine_lacks_is_one_line(tmp_path, device, fragment):
+    if torch.cuda.is_available():
+        pytest.skip("the message lists this machine's GPUs")
+    fails(invoke(*RUN, "--device", device, "--outputs", tmp_path / "run"), fragment)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()

@@ -30,9 +30,8 @@ def _load(model: Optional[str], checkpoint: Optional[str], revision: Optional[st
     from .engine import load_model
 
     adapter = load_model(model, checkpoint=checkpoint, revision=revision, device=device, dtype=dtype)
-    source = checkpoint or adapter.spec.checkpoint
-    local = Path(source).expanduser()
-    return adapter.model_id, str(local.resolve()) if local.exists() else source, adapter
+    local = Path(adapter.checkpoint).expanduser()
+    return adapter.model_id, str(local.resolve()) if local.exists() else adapter.checkpoint, adapter
 
 
 def _slug(text: str) -> str:

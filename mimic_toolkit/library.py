@@ -12,7 +12,6 @@ with the same checks; settings are `InversionConfig`'s fields, as in a `--config
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .adapter.vision import image_tensor
 from .features import FeatureStats
 from .features import compute_stats as _compute_stats
+from .jsonfile import read_json_lines
 from .registry import default_registry
 
 
@@ -42,11 +43,9 @@ def invert(adapter, *, registry=None, **settings) -> InversionRun:
     given = {key: str(value) if isinstance(value, os.PathLike) else value for key, value in settings.items()}
     config = build_config(registry, {"model": adapter.model_id, "checkpoint": adapter.checkpoint, **given})
     folder = run_inversion(registry, config, adapter=adapter)
-    pictures = [Image.open(path).convert("RGB") for path in sorted((folder / "images").glob("*.png"))]
-    images = torch.stack([torch.frombuffer(bytearray(p.tobytes()), dtype=torch.uint8).view(p.height, p.width, 3)
-                          for p in pictures]).permute(0, 3, 1, 2).float() / 255
-    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return InversionRun(folder, images, metrics)
+    images = torch.stack([image_tensor(Image.open(path).convert("RGB"))
+                          for path in sorted((folder / "images").glob("*.png"))])
+    return InversionRun(folder, images, read_json_lines(folder / "metrics.jsonl"))
 
 
 def compute_stats(adapter, images: str | os.PathLike, **options) -> FeatureStats:

@@ -57,7 +57,7 @@ class VisionTower:
         side resized to R with the processor's filter, centre crop (inversion images are square),
         scaled to [0, 1], normalised."""
         side = resolution or self.resolution
-        batch = [_to_tensor(_resize_and_crop(image.convert("RGB"), side, self.image_resample)) for image in images]
+        batch = [image_tensor(_resize_and_crop(image.convert("RGB"), side, self.image_resample)) for image in images]
         return self.normalise(torch.stack(batch))
 
     # -- model inputs (differentiable) -----------------------------------------------------
@@ -117,6 +117,7 @@ def _resize_and_crop(image: Image.Image, side: int, resample: int) -> Image.Imag
     return image.crop((left, top, left + side, top + side))
 
 
-def _to_tensor(image: Image.Image) -> torch.Tensor:
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB picture -> [3, H, W] in [0, 1]."""
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return data.view(image.height, image.width, 3).permute(2, 0, 1).float() / 255

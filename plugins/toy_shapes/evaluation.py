@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from mimic_toolkit.adapter.vision import image_tensor
 from mimic_toolkit.engine import format_prompt, load_model
 from mimic_toolkit.errors import UserError
 
@@ -34,9 +35,7 @@ def load_run_images(folder: Path) -> torch.Tensor:
     files = sorted((folder / "images").glob("*.png"))
     if not files:
         raise UserError(f"run '{folder}' has no images")
-    arrays = [torch.frombuffer(bytearray(Image.open(f).convert("RGB").tobytes()), dtype=torch.uint8)
-              .view(shapes.SIZE, shapes.SIZE, 3) for f in files]
-    return torch.stack(arrays).permute(0, 3, 1, 2).float() / 255
+    return torch.stack([image_tensor(Image.open(f).convert("RGB")) for f in files])
 
 
 def answer_probability(adapter, images01: torch.Tensor, question: str, answer: str) -> torch.Tensor:

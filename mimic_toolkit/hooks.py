@@ -34,3 +34,23 @@ class SiteHooks:
 
     def _call(self, site, module, inputs, output):
         return self.on_output(site, output)
+
+
+class ModuleInput:
+    """A site that is a module's input rather than its output (the language model's input
+    embeddings are its first decoder layer's `hidden_states`). It registers like a module: a hook
+    sees that input as the output of a module and may return a replacement, so recording, steering
+    and splicing work on it unchanged."""
+
+    def __init__(self, module: torch.nn.Module, argument: str = "hidden_states"):
+        self.module, self.argument = module, argument
+
+    def register_forward_hook(self, hook, prepend: bool = False):
+        def pre_hook(module, args, kwargs):
+            value = args[0] if args else kwargs[self.argument]
+            replaced = hook(self, (), value)
+            if replaced is None:
+                return None
+            return ((replaced, *args[1:]), kwargs) if args else (args, {**kwargs, self.argument: replaced})
+
+        return self.module.register_forward_pre_hook(pre_hook, prepend=prepend, with_kwargs=True)

@@ -115,6 +115,12 @@ def check_language_model(adapter: VLMAdapter, prompt, images: torch.Tensor) -> N
     assert set(hidden) == set(sites), f"LM sites that never fired: {sorted(set(sites) - set(hidden))}"
     for site, states in hidden.items():
         assert states.shape == (batch, length, width), f"{site}: shape {tuple(states.shape)}"
+    embed_calls = []  # lm.embed is the first layer's input, not a module's output: once per forward too
+    handle = sites["lm.embed"].register_forward_hook(lambda site, inputs, states: embed_calls.append(states.shape))
+    with torch.no_grad():
+        adapter.model(**adapter.pixel_inputs(images), **adapter.text_inputs(prompt, batch))
+    handle.remove()
+    assert embed_calls == [(batch, length, width)], f"lm.embed fired as {embed_calls}"
     tolerance = dict(atol=1e-3, rtol=1e-3)
     assert torch.allclose(adapter.unembed(hidden[f"lm.{layers - 1}"]), logits, **tolerance), "unembed != logits"
     assert torch.allclose(adapter.unembed(hidden["lm.final_norm"], apply_final_norm=False), logits, **tolerance)

@@ -59,8 +59,12 @@ class LanguageModel:
     def lm_sites(self) -> dict[str, torch.nn.Module]:
         """Named language-model sites: `lm.{i}` (residual stream after decoder layer i),
         `lm.{i}.attn` and `lm.{i}.mlp` (the branch outputs, before the residual add) and
-        `lm.final_norm`. Adapters whose layers name their branches otherwise override this."""
-        sites = {}
+        `lm.final_norm`, and `lm.embed`: the first layer's input, the text embeddings with the
+        projected image features in place. Adapters whose layers name their branches otherwise
+        override this."""
+        from ..hooks import ModuleInput
+
+        sites = {"lm.embed": ModuleInput(self.language_model.layers[0])}
         for i, layer in enumerate(self.language_model.layers):
             sites[f"lm.{i}"] = layer
             sites[f"lm.{i}.attn"] = layer.self_attn
@@ -72,8 +76,8 @@ class LanguageModel:
         sites = self.lm_sites()
         if name not in sites:
             last = len(self.language_model.layers) - 1
-            raise UserError(f"this model has no site '{name}' (sites: lm.0 .. lm.{last}, lm.I.attn, lm.I.mlp, "
-                            "lm.final_norm)")
+            raise UserError(f"this model has no site '{name}' (sites: lm.embed, lm.0 .. lm.{last}, lm.I.attn, "
+                            "lm.I.mlp, lm.final_norm)")
         return sites[name]
 
     @property

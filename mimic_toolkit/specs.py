@@ -20,6 +20,8 @@ class AdapterSpec:
     prompts: the model's own default prompt file (else the bundled ImageNet prompts).
     stats: default feature statistics: a file, or a folder of per-concept files.
     tested_transformers: the transformers versions this adapter was tested with.
+    untuned: the defaults were not tuned on this model (the LLaVA defaults scaled by resolution);
+        `mimic models` says so.
     default: the model commands use when none is named (the bundled toy model says so; a
         plugin's claim counts only when no built-in makes one).
     """
@@ -34,6 +36,7 @@ class AdapterSpec:
     prompts: str | None = None
     stats: str | None = None
     tested_transformers: str = ""
+    untuned: bool = False
     default: bool = False
     plugin: str = ""  # filled in by the registry: the plugin that registered it
 

@@ -39,6 +39,7 @@ class Sample:
     image: Path
     question: str
     labels: dict = field(default_factory=dict)  # whatever the dataset says about the image
+    answer: str | None = None  # the dataset's answer to the question, if it gives one (mimic icl)
 
 
 def load_samples(images: str | os.PathLike | None = None, dataset: str | os.PathLike | None = None,
@@ -77,9 +78,11 @@ def load_samples(images: str | os.PathLike | None = None, dataset: str | os.Path
         if not image.is_file():
             raise UserError(f"{where}: image '{entry['image']}' does not exist")
         sample = Sample(str(entry.get("id", n)), image, entry.get("question") or question or DEFAULT_QUESTION,
-                        entry.get("labels") or {})
+                        entry.get("labels") or {}, entry.get("answer"))
         if not isinstance(sample.question, str) or not isinstance(sample.labels, dict):
             raise UserError(f"{where}: \"question\" must be a string and \"labels\" an object")
+        if sample.answer is not None and not isinstance(sample.answer, str):
+            raise UserError(f"{where}: \"answer\" must be a string")
         if sample.id in seen:
             raise UserError(f"{where}: id '{sample.id}' appears twice")
         seen.add(sample.id)
@@ -224,7 +227,7 @@ def _capture_batch(adapter, prompt, batch, site, selector, max_new_tokens, word_
         available = hidden.shape[1]  # the last generated token is never fed back
         answer_positions = [p for p in range(length, length + len(answer)) if p < available]
         entry = {"id": sample.id, "image": str(sample.image), "question": sample.question,
-                 "prompt_length": length, "labels": sample.labels}
+                 "prompt_length": length, "image_positions": prompt.image_positions.tolist(), "labels": sample.labels}
         if generate:
             entry.update(generated=adapter.tokenizer.decode(answer, skip_special_tokens=True), generated_ids=answer)
         kind = selector.kind

@@ -1,0 +1,208 @@
+"""`mimic sae`: the SAE's formulas (FVU, L0, dead and dense latents), SAELens's layout read and
+written alike, streamed training equal to in-memory training under a memory cap, token groups,
+sparse codes, the lm.embed site, and bad input."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mimic_toolkit.errors import UserError
+from mimic_toolkit.lm_capture import FeatureWriter, Features
+from mimic_toolkit.sae import SparseAutoencoder, dense_codes, load_sae, save_sae
+from mimic_toolkit.sae_train import (InMemoryRows, StreamedRows, TrainSettings, evaluate_sae, train_sae,
+                                     train_to_folder)
+
+WIDTH = 12
+
+
+def make_features(folder, samples=24, image_tokens=6, text_tokens=3, answer_tokens=2, shard_size=40, seed=0):
+    """A features folder of `--tokens all` rows: per sample, BOS, image tokens, prompt text, answer;
+    rows are sparse mixtures of a few directions, so a small SAE can learn them."""
+    generator = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(8, WIDTH, generator=generator) * 3
+    writer = FeatureWriter(folder, shard_size)
+    length = 1 + image_tokens + text_tokens
+    for n in range(samples):
+        count = length + answer_tokens
+        mix = torch.rand(count, 8, generator=generator) * (torch.rand(count, 8, generator=generator) < 0.25)
+        rows = mix @ atoms + 0.01 * torch.randn(count, WIDTH, generator=generator)
+        entry = {"id": str(n), "image": f"{n}.png", "question": "q", "prompt_length": length,
+                 "image_positions": list(range(1, 1 + image_tokens)), "labels": {"colour": "red" if n % 2 else "blue"},
+                 "positions": list(range(count))}
+        writer.add(entry, rows)
+    return Features.load(writer.finish({"model": "m", "checkpoint": "c", "revision": "", "site": "lm.0",
+                                        "selector": "all", "hidden_size": WIDTH}))
+
+
+def saelens_folder(folder, architecture="jumprelu", d_in=WIDTH, d_sae=20, seed=1, **cfg):
+    """An SAE folder written by hand the way SAELens writes one."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = {"W_enc": torch.randn(d_in, d_sae, generator=generator), "W_dec": torch.randn(d_sae, d_in, generator=generator),
+               "b_enc": torch.randn(d_sae, generator=generator), "b_dec": torch.randn(d_in, generator=generator)}
+    if architecture == "jumprelu":
+        weights["threshold"] = torch.rand(d_sae, generator=generator)
+    folder.mkdir()
+    save_file(weights, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"architecture": architecture, "d_in": d_in, "d_sae": d_sae,
+                                                 "dtype": "float32", "normalize_activations": "none", **cfg}))
+    return weights
+
+
+def test_fvu_is_one_for_the_mean_and_zero_for_a_perfect_reconstruction(tmp_path):
+    features = make_features(tmp_path / "f")
+    rows = StreamedRows(features, "all")
+    x = features.matrix()
+    mean_only = SparseAutoencoder(WIDTH, 4, "relu")  # zero decoder: every row becomes b_dec
+    with torch.no_grad():
+        mean_only.b_dec.copy_(x.mean(0))
+        mean_only.b_enc.fill_(-1)  # nothing fires
+    metrics = evaluate_sae(mean_only, rows)
+    assert metrics["fvu"] == pytest.approx(1, abs=1e-6) and metrics["explained_variance"] == pytest.approx(0, abs=1e-6)
+    assert metrics["l0"] == 0 and metrics["dead"] == 4 and metrics["dense"] == 0
+    identity = SparseAutoencoder(WIDTH, 2 * WIDTH, "relu", apply_b_dec_to_input=False)  # x = relu(x) - relu(-x)
+    eye = torch.eye(WIDTH)
+    with torch.no_grad():
+        identity.W_enc.copy_(torch.cat([eye, -eye], 1))
+        identity.W_dec.copy_(torch.cat([eye, -eye], 0))
+    metrics = evaluate_sae(identity, rows)
+    assert metrics["fvu"] == pytest.approx(0, abs=1e-9) and metrics["cosine"] == pytest.approx(1, abs=1e-6)
+    fired = (identity.encode(x) > 0).float().mean(0)
+    assert metrics["dense"] == int((fired > 0.1).sum()) and metrics["l0"] == pytest.approx(float((x != 0).sum(1).float().mean()))
+
+
+@pytest.mark.parametrize("architecture,cfg", [("jumprelu", {"apply_b_dec_to_input": False}),
+                                              ("topk", {"k": 5, "apply_b_dec_to_input": True}),
+                                              ("standard", {"apply_b_dec_to_input": True})])
+def test_a_saelens_folder_and_one_we_write_encode_and_decode_alike(tmp_path, architecture, cfg):
+    w = saelens_folder(tmp_path / "saelens", architecture, **cfg)
+    x = torch.randn(50, WIDTH, generator=torch.Generator().manual_seed(2)) * 2
+    pre = (x - w["b_dec"] * cfg["apply_b_dec_to_input"]) @ w["W_enc"] + w["b_enc"]  # SAELens's formulas
+    if architecture == "jumprelu":
+        expected = pre.relu() * (pre > w["threshold"])
+    elif architecture == "topk":
+        top = pre.topk(5, dim=-1)
+        expected = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    else:
+        expected = pre.relu()
+    sae, _ = load_sae(tmp_path / "saelens")
+    assert torch.allclose(sae.encode(x), expected, atol=1e-6)
+    assert torch.allclose(sae(x), expected @ w["W_dec"] + w["b_dec"], atol=1e-5)
+    (tmp_path / "ours").mkdir()
+    save_sae(sae, tmp_path / "ours", {"site": "lm.3", "model": "m"})
+    again, cfg_ours = load_sae(tmp_path / "ours")
+    assert cfg_ours["mimic"]["site"] == "lm.3" and cfg_ours["hook_name"] == "lm.3"
+    assert torch.allclose(again.encode(x), sae.encode(x), atol=1e-6) and torch.allclose(again(x), sae(x), atol=1e-6)
+
+
+def test_a_trained_sae_is_written_with_its_input_scale_folded_in(tmp_path):
+    sae = SparseAutoencoder(WIDTH, 20, "topk", 3, input_scale=7.5)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+    (tmp_path / "s").mkdir()
+    save_sae(sae, tmp_path / "s", {})
+    loaded, cfg = load_sae(tmp_path / "s")
+    x = torch.randn(30, WIDTH) * 10
+    assert loaded.input_scale == 1 and cfg["mimic"]["input_scale"] == 7.5
+    assert torch.allclose(loaded.encode(x), sae.encode(x), atol=1e-5) and torch.allclose(loaded(x), sae(x), atol=1e-4)
+
+
+def test_streamed_training_equals_in_memory_training_and_holds_at_most_the_buffer(tmp_path):
+    features = make_features(tmp_path / "f", samples=60)
+    assert len(features.meta["shards"]) >= 5
+    settings = TrainSettings(d_sae=24, k=3, steps=60, batch_size=16, buffer_rows=50, seed=3, log_every=20)
+    streamed = StreamedRows(features, "image")
+    a, log_a = train_sae(streamed, settings)
+    b, log_b = train_sae(InMemoryRows(features, "image"), settings)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-5), name
+    assert log_a == log_b and a.input_scale == b.input_scale
+    assert streamed.peak_rows <= settings.buffer_rows + settings.batch_size
+    other, _ = train_sae(InMemoryRows(features, "image"), TrainSettings(**{**settings.__dict__, "seed": 4}))
+    assert not torch.allclose(other.W_enc, a.W_enc)  # the seed matters: the equality above is not trivial
+
+
+def test_token_groups_come_from_the_index_positions(tmp_path):
+    features = make_features(tmp_path / "f", samples=5)
+    counts = {group: StreamedRows(features, group).rows for group in ("image", "prompt", "answer", "all")}
+    assert counts == {"image": 30, "prompt": 20, "answer": 10, "all": 60}  # prompt: BOS and 3 text tokens
+    matrix, rows = features.matrix(), StreamedRows(features, "answer")
+    got = torch.cat([rows.shard(n) for n in range(len(rows.selected))])
+    assert torch.equal(got, torch.cat([matrix[n * 12 + 10:n * 12 + 12] for n in range(5)]))  # 12 rows a sample
+    with pytest.raises(UserError, match="--tokens must be"):
+        StreamedRows(features, "pictures")
+
+
+def test_a_trained_folder_has_topk_codes_that_decode_to_its_reconstruction(tmp_path):
+    features = make_features(tmp_path / "f", samples=40)
+    settings = TrainSettings(d_sae=32, k=4, steps=300, batch_size=32, lr=3e-3, log_every=50)
+    out = train_to_folder(features, "image", settings, tmp_path / "sae")
+    assert {p.name for p in out.iterdir()} >= {"cfg.json", "sae_weights.safetensors", "metrics.jsonl", "report.html",
+                                               "evaluation.json", "codes"}
+    sae, cfg = load_sae(out)
+    assert cfg["mimic"]["tokens"] == "image" and cfg["mimic"]["site"] == "lm.0" and len(cfg["mimic"]["features_sha256"]) == 16
+    evaluation = json.loads((out / "evaluation.json").read_text())["image"]
+    assert evaluation["l0"] == pytest.approx(4) and evaluation["fvu"] < 0.2
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 300 and log[-1]["fvu"] < log[0]["fvu"]
+    index = [json.loads(line) for line in (out / "codes" / "index.jsonl").read_text().splitlines()]
+    meta = json.loads((out / "codes" / "meta.json").read_text())
+    assert meta["rows"] == 40 * 6 and [e["id"] for e in index] == features.ids
+    from safetensors.torch import load_file
+
+    rows = StreamedRows(features, "image")
+    for number, name in enumerate(meta["shards"]):
+        stored = load_file(str(out / "codes" / name))
+        assert stored["indices"].shape[1] == 4 and stored["indices"].dtype == torch.int32
+        x = rows.shard(number)
+        assert torch.allclose(sae.decode(dense_codes(stored["indices"], stored["values"], sae.d_sae)), sae(x), atol=1e-5)
+    entry = index[1]
+    assert entry["positions"] == list(range(1, 7)) and entry["rows"][1] - entry["rows"][0] == 6
+
+
+def test_bad_sae_folders_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="not an SAE folder"):
+        load_sae(tmp_path)
+    saelens_folder(tmp_path / "gated", "gated")
+    with pytest.raises(UserError, match="architecture 'gated'"):
+        load_sae(tmp_path / "gated")
+    saelens_folder(tmp_path / "wide", "standard", d_in=WIDTH)
+    cfg = json.loads((tmp_path / "wide" / "cfg.json").read_text())
+    (tmp_path / "wide" / "cfg.json").write_text(json.dumps({**cfg, "d_in": WIDTH + 1}))
+    with pytest.raises(UserError, match="W_enc must be"):
+        load_sae(tmp_path / "wide")
+    saelens_folder(tmp_path / "scaled", "standard", normalize_activations="expected_average_only_in")
+    with pytest.raises(UserError, match="normalize_activations"):
+        load_sae(tmp_path / "scaled")
+    saelens_folder(tmp_path / "topk", "topk")
+    with pytest.raises(UserError, match="integer k"):
+        load_sae(tmp_path / "topk")
+    features = make_features(tmp_path / "f", samples=4)
+    with pytest.raises(UserError, match="inference only"):
+        train_sae(StreamedRows(features, "all"), TrainSettings(architecture="jumprelu"))
+    with pytest.raises(UserError, match="batch-size"):
+        train_sae(StreamedRows(features, "image"), TrainSettings(batch_size=1000))
+
+
+def test_lm_embed_is_the_text_embedding_with_the_image_features_in_place(tiny_llava):
+    from mimic_toolkit.engine import format_prompt
+    from mimic_toolkit.lm import LMRecorder, PositionPolicy, Steering
+
+    adapter = tiny_llava
+    prompt = format_prompt(adapter, [("What is in the image?", "")], target=False)
+    images = torch.randn(2, 3, adapter.resolution, adapter.resolution)
+    inputs = {**adapter.pixel_inputs(images), **adapter.text_inputs(prompt, 2)}
+    with torch.no_grad(), LMRecorder(adapter, ["lm.embed", "lm.0"]) as recorder:
+        adapter.model(**inputs)
+    embed = recorder.hidden["lm.embed"]
+    text = [p for p in range(len(prompt.input_ids)) if p not in set(prompt.image_positions.tolist())]
+    words = adapter.model.get_input_embeddings()(prompt.input_ids[text])
+    assert torch.allclose(embed[0, text], words) and torch.allclose(embed[1, text], words)
+    image = prompt.image_positions
+    assert not torch.allclose(embed[0, image], embed[1, image])  # the projected image features, per image
+    with torch.no_grad(), Steering(adapter, "lm.embed", torch.ones(adapter.hidden_size), 1.0,
+                                   PositionPolicy("last-prompt")), LMRecorder(adapter, ["lm.0"]) as steered:
+        adapter.model(**inputs)
+    change = (steered.hidden["lm.0"] - recorder.hidden["lm.0"]).abs().amax(dim=(0, 2))
+    assert change[-1] > 0.1 and change[:-1].max() < 1e-5  # replacing the input reaches the first layer

@@ -12,6 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from .cli_lm import add_commands as add_lm_commands
+from .cli_sae import add_commands as add_sae_commands
 from .cli_settings import with_settings
 from .config import InversionConfig
 from .errors import UserError
@@ -223,6 +224,7 @@ def report(run: Path = typer.Argument(..., help="A run folder.")):
 
 
 add_lm_commands(app)  # capture, concepts, steer, shift
+add_sae_commands(app)  # sae train, eval, import, layers, features
 
 
 def _per_model(pairs: list[str], option: str) -> dict[str, str]:

@@ -160,5 +160,29 @@ def layers(
     typer.echo(f"study: {folder / 'study.json'}\nreport: {folder / 'report.html'}")
 
 
+@sae_app.command("features")
+def features_cards(
+    sae: Path = typer.Option(..., help="SAE folder."),
+    features: Path = typer.Option(..., help="Features folder of the SAE's site with image tokens."),
+    top: int = typer.Option(16, min=1, help="Images per latent."),
+    latents: int = typer.Option(32, min=1, help="Cards for this many latents, the most often active first."),
+    no_words: bool = typer.Option(False, "--no-words", help="No grounded words (the model is not loaded)."),
+    out: Path = typer.Option(..., help="Folder for index.html and cards.json."), device: str = DEVICE,
+):
+    """A card per latent: density, grounded words and its top images with a patch heatmap."""
+    from .lm_capture import Features
+    from .sae import load_sae, sae_site
+    from .sae_cards import write_cards
+
+    autoencoder, cfg = load_sae(sae)
+    data = Features.load(features)
+    if sae_site(cfg) and sae_site(cfg) != data.site:
+        raise UserError(f"the SAE reads site {sae_site(cfg)}; features '{features}' are of {data.site}")
+    adapter = None if no_words else _load(data.model, data.meta["checkpoint"] or None, data.meta.get("revision") or None,
+                                          device, "float32")[2]
+    folder = write_cards(autoencoder, cfg, data, out, adapter=adapter, top=top, latents=latents)
+    typer.echo(f"cards: {folder / 'index.html'}")
+
+
 def add_commands(app: typer.Typer) -> None:
     app.add_typer(sae_app, name="sae")

@@ -108,6 +108,15 @@ class VisionTower:
         """Run only the vision tower on normalised images (what feature statistics need)."""
         raise NotImplementedError
 
+    def image_token_grid(self) -> tuple[int, int, int] | None:
+        """(rows, columns, first): from its `first` on, an image's tokens are a rows x columns
+        grid over the image in raster order (what a latent's patch heatmap is drawn on). The
+        default: one token per patch, after at most one class token. None: the tokens are not a
+        grid (resampled); adapters whose tokens merge patches override this with their grid."""
+        side = self.resolution // self.patch_size
+        extra = self.image_token_count() - side * side
+        return (side, side, extra) if extra in (0, 1) else None
+
 
 def _resize_and_crop(image: Image.Image, side: int, resample: int) -> Image.Image:
     scale = side / min(image.size)

@@ -161,3 +161,18 @@ def mimic_format_prompt(adapter, turns, target):
             if adapter.model_id == "llava-1.5-7b":
                 return adapter.build_prompt(turns, target, chat_template=VICUNA)
     """
+
+
+@hookspec(firstresult=True)
+def mimic_verify_images(images, concept):
+    """Score images of a concept with an independent judge (a classifier that is not the VLM), or
+    None when this plugin has no verifier for the concept. Stops at the first non-None result.
+
+    :param torch.Tensor images: [B, 3, H, W] in [0, 1], the images of one run (e.g. inverted ones).
+    :param Concept concept: `class_index`, `class_name`, `chat_sequence` (`mimic_toolkit.prompts`).
+    :return: {score name: fraction of the images the judge finds right}, e.g. {"shape": 0.75}.
+        `mimic compare` reports each model's mean per score, over the concepts that have a verifier.
+
+    Example: the bundled toy's shape-and-colour CNN (`mimic_plugins/toy_shapes/plugin.py`) answers
+    for the 24 concepts of its prompt file, recognised by their names.
+    """

@@ -38,7 +38,7 @@ class Qwen2VLAdapter(VLMAdapter):
 
     def __init__(self, model, tokenizer, spec=None):
         super().__init__(model, tokenizer, spec)
-        self.side = DEFAULT_RESOLUTION
+        self.side = (spec and spec.resolution) or DEFAULT_RESOLUTION  # a model trained at another side says so
         # newer transformers compute M-RoPE positions from token types (image = 1); older ones from input_ids
         self.wants_token_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
 

@@ -16,6 +16,8 @@ def train_command(
     vision_steps: Optional[int] = typer.Option(None, help="Steps of the vision-tower pre-training (default: the recipe's)."),
     language_steps: Optional[int] = typer.Option(None, help="Steps of the whole-VLM stage (default: the recipe's)."),
     threads: int = typer.Option(1, help="1 is fastest when other work shares the cores."),
+    layout: str = typer.Option("llava", help="llava (CLIP + Llama: toy-shapes) or qwen2-vl (Qwen2-VL's tower "
+                               "with its 2x2 merge + Qwen2: toy-shapes-qwen)."),
 ):
     """Train the toy VLM from scratch on CPU (seeded); prints held-out accuracy per question type
     and writes it to training.json beside the checkpoint."""
@@ -25,7 +27,7 @@ def train_command(
 
     torch.set_num_threads(threads)
     steps = {"vision_steps": vision_steps, "language_steps": language_steps}
-    train(out, seed=seed, **{k: v for k, v in steps.items() if v is not None})
+    train(out, seed=seed, layout=layout, **{k: v for k, v in steps.items() if v is not None})
 
 
 @toy.command("train-verifier")
@@ -43,11 +45,12 @@ def train_verifier_command(out: Path = typer.Option(HERE / "verifier.safetensors
 
 @toy.command("stats")
 def stats_command(out: Path = typer.Option(HERE / "stats", help="Folder for the 24 statistics files."),
-                  images_per_concept: int = typer.Option(64), seed: int = typer.Option(0)):
+                  images_per_concept: int = typer.Option(64), seed: int = typer.Option(0),
+                  model: str = typer.Option("toy-shapes", help="toy-shapes, or toy-shapes-qwen (then pass its --out).")):
     """Feature statistics of generated images for each of the 24 concepts (through `mimic stats`'s code)."""
     from .prepare import write_concept_stats
 
-    for path in write_concept_stats(out, images_per_concept=images_per_concept, seed=seed):
+    for path in write_concept_stats(out, images_per_concept=images_per_concept, seed=seed, model=model):
         typer.echo(str(path))
 
 

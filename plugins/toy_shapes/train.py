@@ -1,4 +1,6 @@
-"""Train a small LLaVA (CLIP tower + Llama) from scratch on the shapes of `shapes.py`, on CPU.
+"""Train a small VLM from scratch on the shapes of `shapes.py`, on CPU, in one of two layouts
+(`--layout`): `llava` (CLIP tower + Llama: `toy-shapes`) or `qwen2-vl` (Qwen2-VL's tower with its
+2 x 2 patch merge + Qwen2 with M-RoPE: `toy-shapes-qwen`), each run through its real adapter.
 
 Two stages, as a real VLM is built on a pretrained CLIP:
 1. vision: the CLIP tower plus a linear head learn to classify the 24 concepts;
@@ -7,7 +9,8 @@ Prompts come from the toolkit's prompt formatting (`format_prompt`: the LLaVA ad
 so training and inversion see the same sequences; the model learns the answer plus `<eos>`. Pixels are CLIP-normalised, as the
 adapter normalises them.
 
-    mimic toy train            # writes plugins/toy_shapes/checkpoint/ (about 25 minutes, 1 thread)
+    mimic toy train --out my-toy                      # the LLaVA layout (about 25 minutes, 1 thread)
+    mimic toy train --layout qwen2-vl --out my-toy-qwen
 """
 
 import json
@@ -18,13 +21,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, PreTrainedTokenizerFast)
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                          PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
 
 from mimic_toolkit.atomic import atomic_folder, check_replaceable
+from mimic_toolkit.adapter.chat import Prompt
 from mimic_toolkit.engine import format_prompt
+from mimic_toolkit.errors import UserError
 
 from ..llava_llama3.adapter import LlavaLlama3Adapter
+from ..qwen2_vl.adapter import QWEN2_VL_TEMPLATE, SYSTEM_PROMPT, Qwen2VLAdapter
 from . import shapes
 
 IMAGE_TOKEN = "<image>"
@@ -36,6 +42,10 @@ CHAT_TEMPLATE = (
 )
 PATCH_SIZE = 8
 IMAGE_TOKENS = (shapes.SIZE // PATCH_SIZE) ** 2
+# Qwen2-VL's own special tokens (pad, end of turn, image wrappers) and the words its template adds
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>"]
+QWEN_TEMPLATE_TEXT = f"system user assistant {SYSTEM_PROMPT}"
 # Independent random streams, so held-out images never repeat training ones, whatever the seed.
 VISION_STREAM, LANGUAGE_STREAM, HELD_OUT_STREAM = 0, 1, 2
 
@@ -51,17 +61,26 @@ def _all_questions_and_answers() -> list[str]:
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over every word the questions and answers use."""
+    """A word-level tokenizer over every word the questions and answers use (the LLaVA layout)."""
+    return _word_tokenizer(SPECIAL_TOKENS, [], CHAT_TEMPLATE, pad_token="<pad>", unk_token="<unk>",
+                           bos_token="<bos>", eos_token="<eos>", additional_special_tokens=SPECIAL_TOKENS[4:])
+
+
+def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """The same words plus those of Qwen's ChatML template, with Qwen's special tokens (no BOS)."""
+    return _word_tokenizer(QWEN_SPECIAL_TOKENS, [QWEN_TEMPLATE_TEXT], QWEN2_VL_TEMPLATE, pad_token="<|endoftext|>",
+                           unk_token="<unk>", eos_token="<|im_end|>", additional_special_tokens=QWEN_SPECIAL_TOKENS[2:])
+
+
+def _word_tokenizer(specials: list[str], extra_texts: list[str], chat_template: str, **tokens) -> PreTrainedTokenizerFast:
     splitter = pre_tokenizers.Whitespace()
-    words = sorted({w for text in _all_questions_and_answers() for w, _ in splitter.pre_tokenize_str(text)})
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + words)}
+    texts = _all_questions_and_answers() + extra_texts
+    words = sorted({w for text in texts for w, _ in splitter.pre_tokenize_str(text)})
+    vocab = {token: i for i, token in enumerate(specials + words)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = splitter
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
-        eos_token="<eos>", additional_special_tokens=SPECIAL_TOKENS[4:],
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **tokens)
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -90,6 +109,51 @@ def build_model(tokenizer, *, vision_width=64, vision_layers=4, text_width=128, 
     return model
 
 
+def build_qwen_model(tokenizer, *, vision_width=64, vision_layers=4, text_width=128, text_layers=2,
+                     heads=4) -> Qwen2VLForConditionalGeneration:
+    """Qwen2-VL's layout at toy size: 8 px patches (3-D patch embedding over 2 frames), rotary
+    vision positions, 2 x 2 merge to 16 image tokens at 64 px, Qwen2 with M-RoPE."""
+    token = tokenizer.convert_tokens_to_ids
+    head_dim = text_width // heads
+    unit = head_dim // 16  # M-RoPE splits the head's rotary frequencies 2:3:3 over (time, height, width)
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=vision_layers, embed_dim=vision_width, hidden_size=text_width, num_heads=heads,
+                           mlp_ratio=4, patch_size=PATCH_SIZE, temporal_patch_size=2, spatial_merge_size=2),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=4 * text_width,
+                         num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [2 * unit, 3 * unit, 3 * unit]}),
+        image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"), vision_end_token_id=token("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def _clip_features(adapter, images: torch.Tensor) -> list[torch.Tensor]:
+    """The features LLaVA reads (layer -2, patch tokens, mean-pooled) and the pooled CLS."""
+    out = adapter.vision_tower(adapter.normalise(images), output_hidden_states=True)
+    return [out.hidden_states[-2][:, 1:].mean(dim=1), out.pooler_output]
+
+
+def _qwen_features(adapter, images: torch.Tensor) -> list[torch.Tensor]:
+    """The merged tokens the LM reads and the last block's patch tokens, each mean-pooled per image."""
+    inputs = adapter.pixel_inputs(adapter.normalise(images))
+    out = adapter.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    pooled = lambda packed: packed.reshape(len(images), -1, packed.shape[-1]).mean(dim=1)
+    return [pooled(out.pooler_output), pooled(out.last_hidden_state)]
+
+
+# layout -> (tokenizer, model, adapter class, tower of the adapter, pooled tower features for stage 1)
+LAYOUTS = {
+    "llava": (build_tokenizer, build_model, LlavaLlama3Adapter, lambda a: a.vision_tower, _clip_features),
+    "qwen2-vl": (build_qwen_tokenizer, build_qwen_model, Qwen2VLAdapter, lambda a: a.visual, _qwen_features),
+}
+
+
 def _grid_position_embeddings(side: int, width: int) -> torch.Tensor:
     """2-D sine-cosine positions (CLS first, at zero) as the start of the learned embeddings, the
     usual choice for a ViT trained from scratch (in a 400-step trial it neither helped nor hurt)."""
@@ -106,18 +170,18 @@ def make_batch(adapter, seed: tuple[int, ...], size: int, kinds=shapes.QUESTION_
     prompts an inversion, right-padded; loss only on the answer and the <eos> after it."""
     images, labels = shapes.sample(seed, size)
     rng = np.random.default_rng([*seed, 1])
-    eos = adapter.tokenizer.eos_token_id
+    eos = torch.tensor([adapter.tokenizer.eos_token_id])
     rows = []
     for label in labels.tolist():
         prompt = format_prompt(adapter, [shapes.question_answer(kinds[rng.integers(len(kinds))], label, rng)])
-        rows.append((torch.cat([prompt.input_ids, torch.tensor([eos])]), torch.cat([prompt.labels, torch.tensor([eos])])))
-    length = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((size, length), adapter.tokenizer.pad_token_id)
-    targets = torch.full((size, length), -100)
-    for row, (ids, answer) in enumerate(rows):
-        input_ids[row, :len(ids)], targets[row, :len(ids)] = ids, answer
-    return {"pixel_values": adapter.normalise(images), "input_ids": input_ids,
-            "attention_mask": (input_ids != adapter.tokenizer.pad_token_id).long(), "labels": targets}
+        prompt = Prompt(torch.cat([prompt.input_ids, eos]), torch.cat([prompt.labels, eos]), prompt.image_positions)
+        # the adapter's own text inputs (Qwen's add the token types its M-RoPE positions come from)
+        rows.append({**adapter.text_inputs(prompt, 1), "labels": prompt.labels[None]})
+    length = max(row["input_ids"].shape[1] for row in rows)
+    fill = {"input_ids": adapter.tokenizer.pad_token_id, "labels": -100}
+    batch = {key: torch.cat([F.pad(row[key], (0, length - row[key].shape[1]), value=fill.get(key, 0)) for row in rows])
+             for key in rows[0]}
+    return {**adapter.pixel_inputs(adapter.normalise(images)), **batch}
 
 
 def _schedule(optimizer, total_steps: int, warmup: int):
@@ -128,23 +192,26 @@ def _schedule(optimizer, total_steps: int, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, log_every: int = 50) -> list[float]:
-    """Stage 1: tower + linear heads classify the 24 concepts, from the features LLaVA reads
-    (layer -2, patch tokens, mean-pooled) and from the pooled CLS, as CLIP itself is trained."""
-    tower = adapter.vision_tower
+def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, log_every: int = 50,
+                    layout: str = "llava") -> list[float]:
+    """Stage 1: tower + linear heads classify the 24 concepts, from the features the LM reads
+    (LLaVA: layer -2's patch tokens; Qwen: the merged tokens) and from a second pooling of the
+    tower (the CLS; the last block's patches), mean-pooled, as CLIP itself is trained."""
+    _, _, _, tower_of, features_of = LAYOUTS[layout]
+    tower = tower_of(adapter)
     classes = len(shapes.SHAPES) * len(shapes.COLOURS)
-    width = tower.config.hidden_size
-    heads = torch.nn.ModuleList([torch.nn.Linear(width, classes), torch.nn.Linear(width, classes)])
+    with torch.no_grad():
+        widths = [f.shape[-1] for f in features_of(adapter, torch.zeros(1, 3, shapes.SIZE, shapes.SIZE))]
+    heads = torch.nn.ModuleList([torch.nn.Linear(width, classes) for width in widths])
     params = list(tower.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     scheduler = _schedule(optimizer, steps, warmup=steps // 20)
     losses = []
     for step in range(steps):
         images, labels = shapes.sample((seed, VISION_STREAM, step), batch)
-        out = tower(adapter.normalise(images), output_hidden_states=True)
-        patch_features = out.hidden_states[-2][:, 1:].mean(dim=1)
-        loss = (F.cross_entropy(heads[0](patch_features), labels)
-                + F.cross_entropy(heads[1](out.pooler_output), labels))
+        features = features_of(adapter, images)
+        patch_features = features[0]
+        loss = sum(F.cross_entropy(head(f), labels) for head, f in zip(heads, features))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -159,10 +226,10 @@ def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, lo
 
 
 def train_language(adapter, *, seed: int, steps: int, batch: int, lr: float, tower_lr: float,
-                   log_every: int = 50) -> list[float]:
-    """Stage 2: the whole LLaVA answers the questions; the pretrained tower moves slowly."""
+                   log_every: int = 50, layout: str = "llava") -> list[float]:
+    """Stage 2: the whole VLM answers the questions; the pretrained tower moves slowly."""
     model = adapter.model
-    tower = list(adapter.vision_tower.parameters())
+    tower = list(LAYOUTS[layout][3](adapter).parameters())
     tower_ids = {id(p) for p in tower}
     rest = [p for p in model.parameters() if id(p) not in tower_ids]
     optimizer = torch.optim.AdamW([{"params": rest, "lr": lr}, {"params": tower, "lr": tower_lr}],
@@ -198,31 +265,35 @@ def evaluate(adapter, *, seed: int = 0, n: int = 400, batch: int = 100) -> dict[
     return accuracy
 
 
-def trainable_adapter(tokenizer, model) -> LlavaLlama3Adapter:
+def trainable_adapter(tokenizer, model, layout: str = "llava"):
     """The toolkit's adapter around a model to train (the adapter freezes its model for inversion)."""
-    adapter = LlavaLlama3Adapter(model, tokenizer)
+    adapter = LAYOUTS[layout][2](model, tokenizer)
+    adapter.use_resolution(shapes.SIZE)
     model.train().requires_grad_(True)
     return adapter
 
 
 def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: int = 600, batch: int = 64,
           vision_lr: float = 3e-3, language_lr: float = 1e-3, tower_lr: float = 3e-4, eval_images: int = 400,
-          model_sizes: dict | None = None, log_every: int = 50) -> dict:
+          model_sizes: dict | None = None, log_every: int = 50, layout: str = "llava") -> dict:
     """Train, evaluate on fresh images and save the checkpoint plus `training.json` in `out_dir`."""
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout takes one of {', '.join(LAYOUTS)}, not '{layout}'")
     check_replaceable(out_dir, lambda folder: (folder / "training.json").is_file(), "--out")  # before the long part
     torch.manual_seed(seed)
     started = time.time()
-    tokenizer = build_tokenizer()
-    adapter = trainable_adapter(tokenizer, build_model(tokenizer, **(model_sizes or {})))
+    make_tokenizer, make_model, _, _, _ = LAYOUTS[layout]
+    tokenizer = make_tokenizer()
+    adapter = trainable_adapter(tokenizer, make_model(tokenizer, **(model_sizes or {})), layout)
     vision_losses = pretrain_vision(adapter, seed=seed, steps=vision_steps, batch=batch, lr=vision_lr,
-                                    log_every=log_every)
+                                    log_every=log_every, layout=layout)
     language_losses = train_language(adapter, seed=seed, steps=language_steps, batch=batch, lr=language_lr,
-                                     tower_lr=tower_lr, log_every=log_every)
+                                     tower_lr=tower_lr, log_every=log_every, layout=layout)
     minutes = (time.time() - started) / 60
     adapter.model.eval()
     accuracy = evaluate(adapter, n=eval_images)
     report = {
-        "seed": seed, "minutes": round(minutes, 2), "threads": torch.get_num_threads(),
+        "layout": layout, "seed": seed, "minutes": round(minutes, 2), "threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in adapter.model.parameters()),
         "recipe": {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch,
                    "vision_lr": vision_lr, "language_lr": language_lr, "tower_lr": tower_lr,

@@ -3,6 +3,7 @@
     mimic toy train-verifier   # writes plugins/toy_shapes/verifier.safetensors
 """
 
+import functools
 import math
 from pathlib import Path
 
@@ -83,6 +84,27 @@ def load_verifier(path=WEIGHTS) -> Verifier:
     model = Verifier()
     model.load_state_dict(load_file(str(path)))
     return model.eval()
+
+
+@functools.cache
+def _shared() -> Verifier:
+    return load_verifier()
+
+
+@torch.no_grad()
+def score_concept(images: torch.Tensor, class_index: int, class_name: str) -> dict[str, float] | None:
+    """The fraction of images [B, 3, H, W] in [0, 1] whose shape, colour and both the verifier
+    names right, if the concept is one of the 24 (its index and its name agree); else None."""
+    if not 0 <= class_index < len(shapes.SHAPES) * len(shapes.COLOURS) or class_name != shapes.class_name(class_index):
+        return None
+    if images.shape[-2:] != (shapes.SIZE, shapes.SIZE):  # the verifier was trained on the generator's size
+        images = F.interpolate(images.float(), size=(shapes.SIZE, shapes.SIZE), mode="bilinear", antialias=True)
+    shape_probs, colour_probs = predict(images, _shared())
+    shape, colour = shapes.split_class(class_index)
+    shape_right = shape_probs.argmax(-1) == shapes.SHAPES.index(shape)
+    colour_right = colour_probs.argmax(-1) == shapes.COLOURS.index(colour)
+    return {"shape": shape_right.float().mean().item(), "colour": colour_right.float().mean().item(),
+            "both": (shape_right & colour_right).float().mean().item()}
 
 
 @torch.no_grad()

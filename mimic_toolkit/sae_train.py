@@ -142,8 +142,9 @@ class TrainSettings:
 def train_sae(rows: StreamedRows, settings: TrainSettings, on_log=None) -> tuple[SparseAutoencoder, list[dict]]:
     """Train an SAE on the group's rows; returns it (input scale set) and the logged metrics."""
     s = settings
-    if s.architecture == "jumprelu":
-        raise UserError("JumpReLU SAEs are read for inference only (`mimic sae import`); train topk or relu")
+    if s.architecture not in ("topk", "relu"):
+        raise UserError("JumpReLU SAEs are read for inference only (`mimic sae import`); train topk or relu"
+                        if s.architecture == "jumprelu" else f"--arch must be topk or relu, not '{s.architecture}'")
     if s.steps < 1 or s.batch_size < 1 or s.buffer_rows < 1:
         raise UserError("--steps, --batch-size and --buffer-rows must be at least 1")
     if s.batch_size > rows.rows:

@@ -206,3 +206,75 @@ def test_lm_embed_is_the_text_embedding_with_the_image_features_in_place(tiny_ll
         adapter.model(**inputs)
     change = (steered.hidden["lm.0"] - recorder.hidden["lm.0"]).abs().amax(dim=(0, 2))
     assert change[-1] > 0.1 and change[:-1].max() < 1e-5  # replacing the input reaches the first layer
+
+
+# -- end to end on the tiny LLaVA checkpoint ------------------------------------------------------------
+def identity_sae(width):
+    """Reconstructs every row exactly: x = relu(x) - relu(-x)."""
+    sae = SparseAutoencoder(width, 2 * width, "relu", apply_b_dec_to_input=False)
+    eye = torch.eye(width)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+    return sae
+
+
+def test_a_perfect_sae_spliced_in_recovers_all_ce_and_the_last_layer_is_not_read(tiny_llava, tmp_path):
+    from lm_helpers import colour_images
+    from mimic_toolkit.lm_capture import load_samples
+    from mimic_toolkit.sae_splice import splice_metrics
+
+    colour_images(tmp_path / "images", ["red", "blue", "green"])
+    samples = load_samples(images=tmp_path / "images", question="What is in the image?")
+    sae = identity_sae(tiny_llava.hidden_size)
+    result = splice_metrics(tiny_llava, sae, "lm.0", samples, "image", max_new_tokens=3)
+    assert result["ce"]["sae"] == pytest.approx(result["ce"]["clean"], abs=1e-4)
+    assert result["ce"]["zero"] > result["ce"]["clean"] + 1e-3  # zeroing the image tokens at lm.0 matters
+    assert result["recovered"] == pytest.approx(1, abs=1e-3) and result["unchanged"]["sae"] == 1
+    assert result["kl"]["sae"] == pytest.approx(0, abs=1e-4) and result["kl"]["zero"] > 0
+    last = splice_metrics(tiny_llava, sae, "lm.1", samples, "image", max_new_tokens=3)
+    assert last["recovered"] is None and "nothing downstream reads" in last["note"]
+    assert last["ce"]["zero"] == pytest.approx(last["ce"]["clean"], abs=1e-6)
+
+
+def test_train_eval_import_and_cards_through_the_cli(tiny_checkpoint, in_tmp):
+    from typer.testing import CliRunner
+
+    from lm_helpers import colour_images
+    from mimic_toolkit.cli import app
+
+    colours = ["red", "blue", "green", "red", "blue", "green"]
+    paths = colour_images(in_tmp / "images", colours)
+    (in_tmp / "data.jsonl").write_text("".join(json.dumps({"image": f"images/{p.name}", "labels": {"colour": c}}) + "\n"
+                                               for p, c in zip(paths, colours)))
+    runner = CliRunner()
+    run = lambda *args: runner.invoke(app, [str(a) for a in args])
+    model = ["--model", "llava-llama3", "--checkpoint", tiny_checkpoint]
+    result = run("capture", *model, "--dataset", "data.jsonl", "--site", "lm.0", "--tokens", "all", "--out", "f")
+    assert result.exit_code == 0, result.output
+    result = run("sae", "train", "--features", "f", "--tokens", "image", "--k", "4", "--width", "2", "--steps", "40",
+                 "--batch-size", "32", "--out", "sae")
+    assert result.exit_code == 0, result.output
+    assert "image: FVU" in result.output and (in_tmp / "sae" / "codes" / "meta.json").is_file()
+    result = run("sae", "eval", "--sae", "sae", "--features", "f", *model, "--max-new-tokens", "3", "--out", "eval.json")
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((in_tmp / "eval.json").read_text())
+    assert set(evaluation["groups"]) == {"image", "all"} and evaluation["groups"]["image"]["l0"] <= 4
+    assert evaluation["splice"]["tokens"] == "image" and evaluation["splice"]["samples"] == 6
+    saelens_folder(in_tmp / "downloaded", "jumprelu", d_in=64, d_sae=16, apply_b_dec_to_input=False)
+    result = run("sae", "import", "--saelens", "downloaded", "--site", "lm.0", "--out", "imported")
+    assert result.exit_code == 0 and "jumprelu SAE, 16 latents on 64 inputs, site lm.0" in result.output
+    assert json.loads((in_tmp / "imported" / "cfg.json").read_text())["mimic"]["site"] == "lm.0"
+    result = run("sae", "features", "--sae", "sae", "--features", "f", "--top", "3", "--latents", "4", "--no-words",
+                 "--out", "cards")
+    assert result.exit_code == 0, result.output
+    cards = json.loads((in_tmp / "cards" / "cards.json").read_text())["cards"]
+    assert 1 <= len(cards) <= 4 and all(1 <= len(c["top"]) <= 3 for c in cards)
+    assert "<img src='data:image/png" in (in_tmp / "cards" / "index.html").read_text()
+    for args, fragment in [(("sae", "import", "--saelens", "nowhere", "--site", "lm.0", "--out", "x"), "not an SAE folder"),
+                           (("sae", "train", "--features", "f", "--out", "sae"), "already exists"),
+                           (("sae", "eval", "--sae", "imported", "--features", "f", "--tokens", "pixels"), "--tokens must be"),
+                           (("sae", "train", "--features", "f", "--tokens", "image", "--arch", "gated", "--out", "g"),
+                            "--arch must be")]:
+        result = run(*args)
+        assert result.exit_code == 2 and fragment in result.output, (args, result.output)

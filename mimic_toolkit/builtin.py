@@ -25,5 +25,5 @@ def mimic_vision_sites(adapter, selection):
 
 
 @hookimpl(trylast=True)
-def mimic_format_prompt(adapter, turns, target):
-    return adapter.build_prompt(turns, target)
+def mimic_format_prompt(adapter, turns, target, image_turns):
+    return adapter.build_prompt(turns, target, image_turns=image_turns)

@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 from typer.core import TyperGroup
 
+from .cli_icl import add_commands as add_icl_commands
 from .cli_lm import add_commands as add_lm_commands
 from .cli_sae import add_commands as add_sae_commands
 from .cli_settings import with_settings
@@ -224,6 +225,7 @@ def report(run: Path = typer.Argument(..., help="A run folder.")):
 
 
 add_lm_commands(app)  # capture, concepts, steer, shift
+add_icl_commands(app)  # icl train, eval, apply
 add_sae_commands(app)  # sae train, eval, import, layers, features
 
 

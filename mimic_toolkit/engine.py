@@ -43,10 +43,12 @@ def vision_sites(adapter, selection: str | None = None) -> dict:
     return _registry_of(adapter).ask("mimic_vision_sites", adapter=adapter, selection=selection)
 
 
-def format_prompt(adapter, turns: list[tuple[str, str]], target: bool = True):
+def format_prompt(adapter, turns: list[tuple[str, str]], target: bool = True, image_turns: tuple[int, ...] = (0,)):
     """Chat turns [(user, assistant), ...] -> `Prompt`, through the `mimic_format_prompt` hook.
-    With `target=False` the last assistant message is left out (a prompt to generate from)."""
-    return _registry_of(adapter).ask("mimic_format_prompt", adapter=adapter, turns=list(turns), target=target)
+    With `target=False` the last assistant message is left out (a prompt to generate from).
+    `image_turns`: the turns whose user message carries an image (in-context demonstrations)."""
+    return _registry_of(adapter).ask("mimic_format_prompt", adapter=adapter, turns=list(turns), target=target,
+                                     image_turns=tuple(image_turns))
 
 
 def resolve_device(option: str) -> str:

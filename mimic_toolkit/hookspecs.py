@@ -137,7 +137,7 @@ def mimic_vision_sites(adapter, selection):
 
 
 @hookspec(firstresult=True)
-def mimic_format_prompt(adapter, turns, target):
+def mimic_format_prompt(adapter, turns, target, image_turns):
     """Turn chat turns into the model's tokenised prompt, or None to leave it to the next
     implementation. Stops at the first non-None result.
 
@@ -145,6 +145,8 @@ def mimic_format_prompt(adapter, turns, target):
     :param list[tuple[str, str]] turns: [(user, assistant), ...]; the image goes at the start of the
         first user message, and the last assistant message is the target.
     :param bool target: False: leave the last assistant message out (a prompt to generate from).
+    :param tuple[int, ...] image_turns: the turns whose user message carries an image, (0,) but for
+        in-context demonstrations; pass it on as `build_prompt(..., image_turns=image_turns)`.
     :return: a `Prompt`. The core's default is `adapter.build_prompt(turns, target)`, the adapter's
         own chat template; `build_prompt` also takes `chat_template=` and `system=`, so a plugin
         changes the format of a model family without subclassing its adapter.

@@ -19,6 +19,17 @@ class LanguageModel:
         ids = prompt.input_ids.to(self.device).unsqueeze(0).expand(batch_size, -1)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
+    def padded_text_inputs(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
+        """Prompts of different lengths in one batch, one image set each, right-padded so that every
+        prompt keeps its positions (in-context demonstrations): input_ids and attention_mask [B, L]."""
+        length = max(len(p.input_ids) for p in prompts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(prompts), length), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, :len(prompt.input_ids)], mask[row, :len(prompt.input_ids)] = prompt.input_ids, 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
     def teacher_forcing_inputs(self, prompt: Prompt, batch_size: int) -> dict[str, torch.Tensor]:
         """The text-side inputs of `target_logits`: `text_inputs` without the all-ones attention
         mask (with no padding the causal mask alone is the same, and transformers would read an

@@ -93,6 +93,12 @@ class Qwen2VLAdapter(VLMAdapter):
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.image_token_id).int()
         return inputs
 
+    def padded_text_inputs(self, prompts) -> dict[str, torch.Tensor]:
+        inputs = super().padded_text_inputs(prompts)
+        if self.wants_token_types:
+            inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.image_token_id).int()
+        return inputs
+
     def teacher_forcing_inputs(self, prompt, batch_size: int) -> dict[str, torch.Tensor]:
         """With the M-RoPE positions, which depend on the prompt alone: computed once here, they
         spare every step the forward's own computation, a Python loop of host reads."""

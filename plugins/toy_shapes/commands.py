@@ -18,6 +18,7 @@ def train_command(
     threads: int = typer.Option(1, help="1 is fastest when other work shares the cores."),
     layout: str = typer.Option("llava", help="llava (CLIP + Llama: toy-shapes) or qwen2-vl (Qwen2-VL's tower "
                                "with its 2x2 merge + Qwen2: toy-shapes-qwen)."),
+    batch: Optional[int] = typer.Option(None, min=1, help="Images per step (default: the recipe's)."),
 ):
     """Train the toy VLM from scratch on CPU (seeded); prints held-out accuracy per question type
     and writes it to training.json beside the checkpoint."""
@@ -26,8 +27,40 @@ def train_command(
     from .train import train
 
     torch.set_num_threads(threads)
-    steps = {"vision_steps": vision_steps, "language_steps": language_steps}
+    steps = {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch}
     train(out, seed=seed, layout=layout, **{k: v for k, v in steps.items() if v is not None})
+
+
+@toy.command("train-icl")
+def train_icl_command(
+    out: Path = typer.Option(HERE / "checkpoint-icl", help="Checkpoint folder to write."),
+    base: Path = typer.Option(HERE / "checkpoint", help="The toy-shapes checkpoint to start from."),
+    seed: int = typer.Option(0),
+    steps: Optional[int] = typer.Option(None, help="Fine-tuning steps (default: the recipe's)."),
+    threads: int = typer.Option(1, help="1 is fastest when other work shares the cores."),
+):
+    """Fine-tune toy-shapes into toy-shapes-icl, which learns from text demonstrations in context
+    (seeded); prints held-out accuracy per shot count and task and writes it to training.json."""
+    import torch
+
+    from .train_icl import train_icl
+
+    torch.set_num_threads(threads)
+    train_icl(out, base, seed=seed, **({"steps": steps} if steps else {}))
+
+
+@toy.command("icl-dataset")
+def icl_dataset_command(
+    out: Path = typer.Option(..., help="Folder to write (images/ and icl.jsonl)."),
+    n: int = typer.Option(1000, help="Number of images."),
+    seed: int = typer.Option(0),
+    task: str = typer.Option("shape", help="The answer: the image's shape or colour."),
+    question: str = typer.Option("What is it?", help="The question of every entry."),
+):
+    """Generated images with a question and answer each, for `mimic icl` (capture format)."""
+    from .train_icl import write_icl_dataset
+
+    typer.echo(str(write_icl_dataset(out, n=n, seed=seed, task=task, question=question) / "icl.jsonl"))
 
 
 @toy.command("train-verifier")

@@ -34,6 +34,19 @@ def register_adapters(register):
         default=True,
         tested_transformers="5.17, 5.24",
     ))
+    # toy-shapes fine-tuned to learn from text demonstrations in context (`mimic toy train-icl`),
+    # for `mimic icl`: the same adapter, its own checkpoint.
+    register(AdapterSpec(
+        id="toy-shapes-icl",
+        adapter="mimic_plugins.llava_llama3.adapter:LlavaLlama3Adapter",
+        resolution=64,
+        checkpoint=str(HERE / "checkpoint-icl"),
+        prompts=str(HERE / "prompts.json"),
+        defaults=TOY_DEFAULTS,
+        untuned=True,
+        description="toy-shapes fine-tuned to learn in context from text demonstrations (mimic icl)",
+        tested_transformers="5.24",
+    ))
     # The same data and questions on Qwen2-VL's code path (`mimic toy train --layout qwen2-vl`), so a
     # comparison of two trained models means something; the toy's settings, not tuned for it.
     register(AdapterSpec(

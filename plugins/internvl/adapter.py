@@ -99,7 +99,8 @@ class InternVLAdapter(VLMAdapter):
         side = vision.pop("image_size", [448, 448])
         return InternVLConfig(
             vision_config=dict(**vision, image_size=side, patch_size=[14, 14], hidden_act="gelu",
-                               norm_type="layer_norm", layer_scale_init_value=0.1, use_mean_pooling=True),
+                               norm_type="layer_norm", layer_scale_init_value=0.1, use_mean_pooling=True,
+                               attention_bias=True),  # InternViT-300M's qkv bias
             text_config=dict(**text, model_type="qwen2", rms_norm_eps=1e-6,
                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
             image_token_id=image_token_id, image_seq_length=int((side[0] // 14) ** 2 / 4), downsample_ratio=0.5,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from mimic_plugins.qwen2_vl.adapter import Qwen2VLAdapter
+from mimic_toolkit.errors import UserError
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
@@ -42,6 +43,11 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
                                                       cfg.spatial_merge_size, cfg.window_size, cfg.patch_size)
             self._unwindowing[key] = torch.argsort(window_index).to(device)
         return self._unwindowing[key]
+
+    def use_resolution(self, side: int) -> None:
+        if side % self.merged_patch:
+            raise UserError(f"Qwen2.5-VL takes sides that are multiples of {self.merged_patch} px, not {side}")
+        self.side = side
 
     @classmethod
     def architecture(cls, size: str):

@@ -11,6 +11,7 @@ gradient reaches the pixels through them too, and those blocks are ordinary visi
 from __future__ import annotations
 
 from mimic_plugins.qwen2_vl.adapter import Qwen2VLAdapter
+from mimic_toolkit.errors import UserError
 from mimic_toolkit.testing import BASIC_WORDS, word_tokenizer
 
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -33,6 +34,11 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     def __init__(self, model, tokenizer, spec=None):
         super().__init__(model, tokenizer, spec)
         self.side = (spec and spec.resolution) or DEFAULT_RESOLUTION
+
+    def use_resolution(self, side: int) -> None:
+        if side % self.merged_patch:
+            raise UserError(f"Qwen3-VL takes sides that are multiples of {self.merged_patch} px, not {side}")
+        self.side = side
 
     @classmethod
     def test_tokenizer(cls):

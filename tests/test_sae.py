@@ -278,3 +278,15 @@ def test_train_eval_import_and_cards_through_the_cli(tiny_checkpoint, in_tmp):
                             "--arch must be")]:
         result = run(*args)
         assert result.exit_code == 2 and fragment in result.output, (args, result.output)
+
+
+def test_adapters_declare_the_grid_their_image_tokens_lie_on(tiny_llava):
+    from mimic_plugins.idefics2.adapter import Idefics2Adapter
+    from mimic_plugins.qwen2_vl.adapter import Qwen2VLAdapter
+
+    side = tiny_llava.resolution // tiny_llava.patch_size
+    assert tiny_llava.image_token_grid() == (side, side, tiny_llava.image_token_count() - side * side)
+    qwen = Qwen2VLAdapter.tiny()
+    rows, cols, first = qwen.image_token_grid()
+    assert rows * cols == qwen.image_token_count() and first == 0  # merged 2x2 blocks
+    assert Idefics2Adapter.tiny().image_token_grid() is None  # resampled by the perceiver: no grid

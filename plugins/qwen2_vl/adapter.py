@@ -113,6 +113,10 @@ class Qwen2VLAdapter(VLMAdapter):
     def image_token_count(self) -> int:
         return (self.side // self.merged_patch) ** 2
 
+    def image_token_grid(self) -> tuple[int, int, int]:
+        side = self.side // self.merged_patch
+        return side, side, 0  # one token per merged 2x2 block of patches, in raster order
+
     def user_content(self, text: str, with_image: bool):
         if not with_image:
             return text

@@ -363,3 +363,31 @@ def test_internvl_the_public_config_layout_loads(internvl, tmp_path):
            "text_config": text_json, "vision_config": vision_json}
     original, loaded = logits_after_reload(internvl, tmp_path, hub)
     assert torch.allclose(original, loaded, atol=1e-5)
+
+
+# -- where the image tokens lie ------------------------------------------------------------------
+def patch_coordinates(side):
+    """[1, side * side, 2]: each patch token's (row, column)."""
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return torch.stack([rows, cols], -1).reshape(1, side * side, 2).float()
+
+
+def assert_raster_grid(shuffled, grid, block):
+    """Every LM token k holds only patches of the block at (k // columns, k % columns)."""
+    rows, cols, first = grid
+    assert first == 0 and shuffled.shape[1] == rows * cols
+    coordinates = shuffled[0].reshape(rows * cols, -1, 2)  # token, patch in the block, (row, column)
+    k = torch.arange(rows * cols)
+    assert torch.equal(coordinates[..., 0] // block, (k // cols)[:, None].expand_as(coordinates[..., 0]).float())
+    assert torch.equal(coordinates[..., 1] // block, (k % cols)[:, None].expand_as(coordinates[..., 1]).float())
+
+
+def test_the_shuffled_image_tokens_lie_on_the_declared_grid(smolvlm, internvl):
+    grid = smolvlm.image_token_grid()
+    assert grid[0] * grid[1] == smolvlm.image_token_count()
+    connector = smolvlm.model.model.connector
+    assert_raster_grid(connector.pixel_shuffle(patch_coordinates(4), connector.scale_factor), grid, 2)
+    grid = internvl.image_token_grid()
+    assert grid[0] * grid[1] == internvl.image_token_count()
+    shuffled = internvl.model.model.pixel_shuffle(patch_coordinates(4).reshape(1, 4, 4, 2), 0.5)
+    assert_raster_grid(shuffled.reshape(1, -1, 8), grid, 2)

@@ -45,6 +45,10 @@ class InternVLAdapter(VLMAdapter):
     def image_token_count(self) -> int:
         return int((self.resolution // self.patch_size) ** 2 * self.model.config.downsample_ratio ** 2)
 
+    def image_token_grid(self) -> tuple[int, int, int]:
+        side = int(self.resolution // self.patch_size * self.model.config.downsample_ratio)
+        return side, side, 0  # one token per shuffled 2 x 2 block of patches, in raster order
+
     def user_content(self, text: str, with_image: bool):
         return f"<img>{IMAGE_MARKER}</img>\n{text}" if with_image else text  # as the processor expands it
 

@@ -57,6 +57,11 @@ class SmolVLMAdapter(Idefics2Adapter):
         vision = self.model.config.vision_config
         return (vision.image_size // vision.patch_size) ** 2 // self.model.config.scale_factor ** 2
 
+    def image_token_grid(self) -> tuple[int, int, int]:
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size // self.model.config.scale_factor
+        return side, side, 0  # one token per shuffled block of patches, in raster order
+
     def user_content(self, text: str, with_image: bool):
         if not with_image:
             return f" {text}"

@@ -290,3 +290,31 @@ def test_adapters_declare_the_grid_their_image_tokens_lie_on(tiny_llava):
     rows, cols, first = qwen.image_token_grid()
     assert rows * cols == qwen.image_token_count() and first == 0  # merged 2x2 blocks
     assert Idefics2Adapter.tiny().image_token_grid() is None  # resampled by the perceiver: no grid
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "idefics2"])
+def test_vision_out_and_projector_out_fire_and_the_projected_tokens_are_lm_embed_at_the_image(name):
+    import importlib
+
+    from mimic_toolkit.engine import format_prompt
+    from mimic_toolkit.hooks import SiteHooks
+    from mimic_toolkit.lm import LMRecorder
+
+    module, cls = {"llava": ("llava_llama3", "LlavaLlama3Adapter"), "qwen2_vl": ("qwen2_vl", "Qwen2VLAdapter"),
+                   "idefics2": ("idefics2", "Idefics2Adapter")}[name]
+    adapter = getattr(importlib.import_module(f"mimic_plugins.{module}.adapter"), cls).tiny()
+
+    class Record(SiteHooks):
+        def on_output(self, site, output):
+            self.tokens[site] = adapter.site_tokens(site, output, 2)
+
+    prompt = format_prompt(adapter, [("What is in the image?", "")], target=False)
+    images = torch.randn(2, 3, adapter.resolution, adapter.resolution)
+    recorder = Record(adapter.image_sites())
+    recorder.tokens = {}
+    with torch.no_grad(), recorder, LMRecorder(adapter, ["lm.embed"]) as embed:
+        adapter.model(**adapter.pixel_inputs(images), **adapter.text_inputs(prompt, 2))
+    projected = recorder.tokens["projector.out"]
+    assert projected.shape == (2, adapter.image_token_count(), adapter.hidden_size)
+    assert recorder.tokens["vision.out"].shape[0] == 2 and recorder.tokens["vision.out"].ndim == 3
+    assert torch.allclose(embed.hidden["lm.embed"][:, prompt.image_positions], projected.to(torch.float32), atol=1e-5)

@@ -108,6 +108,21 @@ class VisionTower:
         """Run only the vision tower on normalised images (what feature statistics need)."""
         raise NotImplementedError
 
+    @property
+    def projector(self) -> torch.nn.Module | None:
+        """The module that maps the tower's output to the language model's width (LLaVA's
+        `multi_modal_projector`); None where the adapter names none. Other layouts override this."""
+        return getattr(getattr(self.model, "model", None), "multi_modal_projector", None)
+
+    def image_sites(self) -> dict:
+        """`vision.out`: the tower's output as the projector reads it (the projector's input);
+        `projector.out`: the image tokens at the language model's width, before they are put among
+        the text embeddings (`lm.embed`). `site_tokens` makes either [B, tokens, channels]."""
+        from ..hooks import ModuleInput
+
+        projector = self.projector
+        return {} if projector is None else {"vision.out": ModuleInput(projector), "projector.out": projector}
+
     def image_token_grid(self) -> tuple[int, int, int] | None:
         """(rows, columns, first): from its `first` on, an image's tokens are a rows x columns
         grid over the image in raster order (what a latent's patch heatmap is drawn on). The

@@ -46,6 +46,10 @@ class Idefics2Adapter(VLMAdapter):
     def vision_model(self):
         return self.model.model.vision_model
 
+    @property
+    def projector(self):
+        return self.model.model.connector  # the modality projection and the perceiver resampler
+
     # -- geometry ---------------------------------------------------------------------------
     @property
     def max_resolution(self) -> int:

@@ -47,6 +47,10 @@ class Qwen2VLAdapter(VLMAdapter):
         return self.model.model.visual
 
     @property
+    def projector(self):
+        return self.visual.merger  # merges 2x2 patches and projects them to the LM's width
+
+    @property
     def vision_config(self):
         return self.model.config.vision_config
 

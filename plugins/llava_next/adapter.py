@@ -4,7 +4,7 @@ AnyRes: LlavaNextImageProcessor cuts an image into tiles of the tower's side on 
 that fits it best, and puts a view of the whole image downscaled to one tile before them. For a
 square image whose side is a square pinpoint nothing is resized or padded but that base view:
 `pixel_inputs` builds the same crops from the normalised batch, differentiably (the base view with
-the processor's bicubic filter, antialiased like PIL's; only PIL's rounding to 8 bits is left out).
+PIL's antialiased bicubic filter in its two clipped passes; only its rounding to 8 bits is left out).
 The model packs the tiles' features into one map, ends every row of it with its `image_newline`
 embedding, and puts the base view's features first; `image_token_count` counts them as it does.
 """
@@ -52,10 +52,10 @@ class LlavaNextAdapter(LlavaLlama3Adapter):
         """[B, 3, S, S] -> [B, 1 + n * n, 3, t, t]: the base view, then the tiles row by row."""
         b, c, side, t = *images.shape[:3], self.tile
         base = images
-        if side != t:
-            base = F.interpolate(images, size=(t, t), mode="bicubic", antialias=True, align_corners=False)
-            # PIL clips the filter's overshoot to the pixel range (bounds as numbers: no copy to the device)
-            bounds = [(-m / s, (1 - m) / s) for m, s in zip(self.image_mean, self.image_std)]
+        bounds = [(-m / s, (1 - m) / s) for m, s in zip(self.image_mean, self.image_std)]  # numbers: no device copy
+        for size in [(side, t), (t, t)] if side != t else []:
+            # PIL filters the rows, then the columns, and clips the filter's overshoot after each pass
+            base = F.interpolate(base, size=size, mode="bicubic", antialias=True, align_corners=False)
             base = torch.stack([base[:, i].clamp(low, high) for i, (low, high) in enumerate(bounds)], dim=1)
         n = side // t
         tiles = images.reshape(b, c, n, t, n, t).permute(0, 2, 4, 1, 3, 5).reshape(b, n * n, c, t, t)

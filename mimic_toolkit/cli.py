@@ -77,7 +77,7 @@ def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     specs = default_registry().adapter_specs()
     rows = [{"id": s.id, "aliases": list(s.aliases), "plugin": s.plugin, "resolution": s.resolution,
              "defaults": s.defaults, "checkpoint": s.checkpoint, "tested_transformers": s.tested_transformers,
-             "description": s.description} for s in specs.values()]
+             "untuned": s.untuned, "description": s.description} for s in specs.values()]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -108,6 +108,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
 def invert(
     flags: dict,
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these settings."),
+        defaults += " (untuned)" if r["untuned"] else ""
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live panel."),
 ):

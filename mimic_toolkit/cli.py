@@ -87,6 +87,7 @@ def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     table = Table("id", "aliases", "plugin", "px", "defaults", "transformers")
     for r in rows:
         defaults = ", ".join(f"{k}={v}" for k, v in r["defaults"].items() if k != "scales")
+        defaults += " (untuned)" if r["untuned"] else ""
         table.add_row(r["id"], ", ".join(r["aliases"]), r["plugin"], str(r["resolution"]), defaults,
                       r["tested_transformers"])
     Console().print(table)
@@ -108,7 +109,6 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
 def invert(
     flags: dict,
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these settings."),
-        defaults += " (untuned)" if r["untuned"] else ""
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live panel."),
 ):

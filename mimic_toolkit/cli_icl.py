@@ -112,11 +112,14 @@ def eval_command(
     shots: str = typer.Option("0,1,2", help="Without --module: the shot counts to evaluate; with one: 0 (the student)."),
     model: Optional[str] = MODEL, checkpoint: Optional[str] = typer.Option(None), revision: Optional[str] = typer.Option(None),
     demonstrations: str = DEMONSTRATIONS, split_seed: int = SPLIT_SEED, demonstrations_pool: int = N_DEMOS,
-    held_out: int = HELD_OUT, side: Optional[Path] = SIDE, device: str = DEVICE, dtype: str = DTYPE,
-    allow_outside: bool = ALLOW_OUTSIDE,
+    held_out: int = HELD_OUT, side: Optional[Path] = SIDE,
+    baseline: Optional[str] = typer.Option(None, help="mean-difference: the steering-vector baseline against the "
+                                           "--shots teacher (the mean teacher - zero-shot state of --layer)."),
+    layer: int = typer.Option(-1, help="The baseline's layer (negative: from the end)."),
+    device: str = DEVICE, dtype: str = DTYPE, allow_outside: bool = ALLOW_OUTSIDE,
 ):
-    """Held-out accuracy per shot count, or (--module) a module against the teacher it mimics:
-    writes meta.json, metrics.jsonl and report.html."""
+    """Held-out accuracy per shot count, or (--module) a module against the teacher it mimics, or
+    (--baseline) a steering vector against it: writes meta.json, metrics.jsonl and report.html."""
     from . import icl
     from .atomic import refuse_existing
 
@@ -128,6 +131,24 @@ def eval_command(
         raise UserError("--shots must be at least 0")
     refuse_existing(out, "--out")
     samples = icl.load_dataset(dataset, allow_outside)
+    if baseline is not None:
+        _check_choice(baseline, ("mean-difference",), "--baseline")
+        _check_choice(demonstrations, icl.DEMONSTRATIONS, "--demonstrations")
+        if module is not None or len(counts) != 1 or counts[0] < 1:
+            raise UserError("--baseline takes one teacher shot count of at least 1 (--shots K) and no --module")
+        split = icl.split_dataset(samples, split_seed, demonstrations_pool, held_out)
+        model_id, source, adapter = _load(model, checkpoint, revision, device, dtype)
+        vector = icl.mean_difference(adapter, split, counts[0], demonstrations, layer)
+        evaluation = icl.compare(adapter, vector, split, counts[0], demonstrations,
+                                 side=icl.load_dataset(side, allow_outside) if side else None)
+        description = icl.describe(adapter, vector)
+        meta = {**_meta_base(model_id, source, adapter, dataset, split, demonstrations), "method": baseline,
+                "shots": counts[0], "layer": vector.layer, "parameters": vector.vector.numel()}
+        icl.write_folder(out, meta=meta, metrics=[{"kind": "evaluation", **evaluation}, {"kind": "module", "rows": description}],
+                         report=icl.report_html(meta, evaluation, None, description))
+        _echo_evaluation(evaluation)
+        typer.echo(f"-> {out}")
+        return
     if module is None:
         _check_choice(demonstrations, icl.DEMONSTRATIONS, "--demonstrations")
         split = icl.split_dataset(samples, split_seed, demonstrations_pool, held_out)

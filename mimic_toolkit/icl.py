@@ -31,7 +31,7 @@ from .features import open_rgb
 from .hooks import SiteHooks
 from .icl_attention import ShiftedAttention, check_attention_interface, log_normaliser
 from .jsonfile import read_json_lines
-from .lm import LMRecorder, _first
+from .lm import LMRecorder, PositionPolicy, Steering, _first
 from .lm_capture import Sample, load_samples
 from .tensorfile import read_safetensors
 
@@ -456,6 +456,9 @@ def describe(adapter, module, count: int = 5) -> list[dict]:
     from .concepts import ground_words
 
     rows = []
+    if isinstance(module, MeanDifference):
+        words = ground_words(adapter, module.vector[None].float(), count=count)
+        return [{"layer": module.layer, "head": None, "norm": float(module.vector.norm()), "words": words[0]}]
     if isinstance(module, MimicModule):
         heads, d = module.shape["heads"], module.shape["head_dim"]
         for layer, block in enumerate(adapter.language_model.layers):
@@ -469,6 +472,43 @@ def describe(adapter, module, count: int = 5) -> list[dict]:
         rows = [{"layer": layer, "head": None, "norm": float(module.v[layer].norm()), "words": words[layer]}
                 for layer in range(module.shape["layers"])]
     return rows
+
+
+class MeanDifference:
+    """The baseline: a steering vector, the mean over training queries of (teacher - zero-shot)
+    states of `lm.{layer}` on the query's tokens, added at every position (`lm.Steering`)."""
+
+    method = "mean-difference"
+
+    def __init__(self, vector: torch.Tensor, layer: int):
+        self.vector, self.layer = vector, layer
+
+    def applied(self, adapter):
+        return Steering(adapter, f"lm.{self.layer}", self.vector, 1.0, PositionPolicy("all"))
+
+    def parameters(self):
+        return [self.vector]
+
+
+@torch.no_grad()
+def mean_difference(adapter, split: Split, shots: int, demonstrations: str, layer: int, *, queries: int = 256,
+                    batch_size: int = 16) -> MeanDifference:
+    layers = len(adapter.language_model.layers)
+    if not -layers <= layer < layers:
+        raise UserError(f"--layer must be in {-layers} .. {layers - 1} for this model, not {layer}")
+    layer %= layers
+    site, images, total, count = f"lm.{layer}", Images(adapter), 0.0, 0
+    train = split.train[:queries]
+    for start in range(0, len(train), batch_size):
+        batch = train[start:start + batch_size]
+        teacher = forward(adapter, images, [episode(adapter, q, demonstrations_for(split, start + j, shots, 1),
+                                                    demonstrations) for j, q in enumerate(batch)], [site])
+        zero = forward(adapter, images, [episode(adapter, q, [], demonstrations) for q in batch], [site])
+        for r in range(len(batch)):
+            total = total + (teacher.hidden[site][r, teacher.query_positions(r)].float()
+                             - zero.hidden[site][r, zero.query_positions(r)].float()).sum(0)
+            count += len(zero.query_positions(r))
+    return MeanDifference(total / count, layer)
 
 
 def parameter_count(module) -> int:

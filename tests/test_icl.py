@@ -245,6 +245,11 @@ def test_icl_commands(tiny_checkpoint, in_tmp):
         meta = json.loads((folder / "meta.json").read_text())
         assert meta["method"] == method and meta["split"]["sizes"] == {"demonstrations": 3, "train": 5, "held_out": 4}
         assert "side effects" in (folder / "report.html").read_text().lower()
+    result = run("icl", "eval", "--dataset", str(dataset), "--baseline", "mean-difference", "--shots", "1",
+                 "--layer", "1", "--out", "baseline", *split, *common)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((in_tmp / "baseline" / "meta.json").read_text())
+    assert meta["method"] == "mean-difference" and meta["layer"] == 1 and meta["parameters"] == 64
     result = run("icl", "train", "--dataset", str(dataset), "--out", "mimic", *split, *common)
     assert result.exit_code == 2 and "already exists" in result.output
     result = run("icl", "eval", "--dataset", str(dataset), "--module", "mimic", "--shots", "0", "--out", "again")

@@ -33,6 +33,10 @@ class Gemma3Adapter(VLMAdapter):
     def image_token_count(self) -> int:
         return self.model.config.mm_tokens_per_image
 
+    def image_token_grid(self) -> tuple[int, int, int]:
+        side = round(self.image_token_count() ** 0.5)  # the patches average-pooled in raster order
+        return side, side, 0
+
     def user_content(self, text: str, with_image: bool):
         return f"\n\n<start_of_image>{IMAGE_MARKER}<end_of_image>\n\n{text}" if with_image else text
 

@@ -52,9 +52,30 @@ def _one_line():
         raise typer.Exit(2)
 
 
-app = typer.Typer(cls=_Commands, no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_show_locals=False,
+app = typer.Typer(cls=_Commands, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="See what vision-language models see: model inversion and more.")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"mimic-toolkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                       help="Print the version and exit."),
+          verbose: bool = typer.Option(False, "--verbose", "-v",
+                                       help="Say more: the resolved settings, what was loaded from where, "
+                                       "and transformers' own messages.")):
+    """See what vision-language models see: model inversion and more."""
+    if verbose:
+        from . import verbosity
+
+        verbosity.turn_on()
 
 
 @app.command()
@@ -110,16 +131,19 @@ def invert(
     flags: dict,
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these settings."),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run folder."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live panel."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    as_json: bool = typer.Option(False, "--json", help="End with a JSON summary on standard output."),
 ):
-    """Synthesise images for which the model gives the target answer (MIMIC)."""
+    """Synthesise images for which the model gives the target answer (MIMIC).
+
+    The defaults shown are the core's; a model's own defaults (`mimic models`) come before them."""
     from .session import Interrupted, build_config, run_inversion, stop_on_ctrl_c
 
     registry = default_registry()
     settings = build_config(registry, flags, _str(config), _str(resume))
-    from .live import LivePanel
+    from .live import progress_display
 
-    panel = None if quiet or os.environ.get("RANK", "0") != "0" else LivePanel()
+    panel = progress_display(quiet or os.environ.get("RANK", "0") != "0")
     try:
         with stop_on_ctrl_c() as stop_requested, panel or nullcontext():
             folder = run_inversion(registry, settings, resume=_str(resume), stop_requested=stop_requested,
@@ -127,7 +151,13 @@ def invert(
     except Interrupted as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(130)
-    if os.environ.get("RANK", "0") == "0":  # one process of a multi-process run speaks
+    if os.environ.get("RANK", "0") != "0":  # one process of a multi-process run speaks
+        return
+    if as_json:
+        from .runfolder import summary
+
+        typer.echo(json.dumps(summary(folder), indent=2))
+    else:
         typer.echo(f"run folder: {folder}\nreport:     {folder / 'report.html'}")
 
 
@@ -139,10 +169,11 @@ def sweep(
     classes: Optional[str] = typer.Option(None, help="Comma-separated class indices (default: all in the file)."),
     shard: str = typer.Option("0/1", help="i/n: this process takes every n-th class starting at i."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any `mimic invert` setting."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    as_json: bool = typer.Option(False, "--json", help="End with a JSON summary of this shard's runs on standard output."),
 ):
     """Invert many classes into one sweep folder; restarted shards continue where they stopped."""
-    from .live import LivePanel
+    from .live import progress_display
     from .session import Interrupted, build_config, stop_on_ctrl_c
     from .sweep import parse_shard, run_sweep
 
@@ -152,15 +183,21 @@ def sweep(
         raise UserError(f"--classes takes comma-separated integers, not '{classes}'") from None
     registry = default_registry()
     settings = build_config(registry, flags, _str(config))
-    panel = None if quiet else LivePanel()
+    panel = progress_display(quiet)
     try:
         with stop_on_ctrl_c() as stop_requested, panel or nullcontext():
-            run_sweep(registry, settings, outputs, wanted, parse_shard(shard), stop_requested=stop_requested,
-                      progress=panel.update if panel else None, say=lambda m: typer.echo(m, err=True))
+            done = run_sweep(registry, settings, outputs, wanted, parse_shard(shard), stop_requested=stop_requested,
+                             progress=panel.update if panel else None, say=lambda m: typer.echo(m, err=True))
     except Interrupted as exc:
         typer.echo(f"{exc}\n(or rerun the same `mimic sweep` command: it resumes)", err=True)
         raise typer.Exit(130)
-    typer.echo(f"sweep folder: {outputs}\nindex:        {outputs / 'index.html'}")
+    if as_json:
+        from .runfolder import summary
+
+        typer.echo(json.dumps({"sweep_folder": str(outputs), "index": str(outputs / "index.html"),
+                               "runs": [summary(run) for run in done]}, indent=2))
+    else:
+        typer.echo(f"sweep folder: {outputs}\nindex:        {outputs / 'index.html'}")
 
 
 @app.command()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import List, Optional
 
@@ -29,7 +29,7 @@ def with_settings(*names: str, term_flags: bool = False):
     chosen = [by_name[n] for n in names] if names else [f for f in by_name.values() if f.metadata.get("flag", True)]
     terms = list(TERM_FLAGS) if term_flags else []
     # flags left out stay None, so that the lower layers (the model's defaults, --config) show through
-    options = [_option(f.name, Optional[Path if f.metadata.get("path") else field_type(f)], f.metadata)
+    options = [_option(f.name, Optional[Path if f.metadata.get("path") else field_type(f)], f.metadata, f.default)
                for f in chosen]
     options += [_option(f"{term}_loss_scale", Optional[float], {"help": TERM_FLAGS[term], "panel": OBJECTIVE})
                 for term in terms]
@@ -60,13 +60,16 @@ def with_settings(*names: str, term_flags: bool = False):
     return decorate
 
 
-def _option(name: str, annotation, meta) -> inspect.Parameter:
+def _option(name: str, annotation, meta, default=None) -> inspect.Parameter:
+    """The option's own value is None (not given); `--help` shows the setting's default instead."""
     flag = "--" + name.replace("_", "-")
     decls = [f"{flag}/--no-{flag[2:]}" if annotation == Optional[bool] else flag]
     if meta.get("short"):
         decls.append(meta["short"])
+    shown = "" if default in (None, MISSING) else (
+        f" (default: {flag[2:] if default is True else 'no-' + flag[2:] if default is False else default})")
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=typer.Option(
-        None, *decls, help=meta.get("help"), rich_help_panel=meta.get("panel", RUN)))
+        None, *decls, help=meta.get("help", "") + shown, rich_help_panel=meta.get("panel", RUN), show_default=False))
 
 
 def _parse_scales(pairs: list[str]) -> dict[str, float]:

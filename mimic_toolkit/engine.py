@@ -6,6 +6,9 @@ sites, its prompts) reaches the same plugins; an adapter built in code asks the 
 """
 from __future__ import annotations
 
+import time
+
+from . import verbosity
 from .errors import UserError
 from .specs import LoadOptions
 
@@ -32,8 +35,11 @@ def load_model(name: str | None = None, *, checkpoint: str | None = None, device
         torch.bfloat16 if device.startswith("cuda") else torch.float32)
     options = LoadOptions(dtype=torch_dtype, device=device, device_map=device_map, revision=revision,
                           trust_remote_code=trust_remote_code)
+    started = time.perf_counter()
     adapter = registry.ask("mimic_load_model", spec=spec, source=source, options=options)
     adapter.spec, adapter.registry, adapter.checkpoint = spec, registry, source
+    verbosity.say(f"loaded {spec.id} from {source} on {device} ({adapter.dtype}) in "
+                  f"{time.perf_counter() - started:.1f} s")
     return adapter
 
 
@@ -86,6 +92,14 @@ def describe_sites(name: str, checkpoint: str | None = None, registry=None) -> t
     model `name`, without loading weights: the model is built on the meta device from the
     checkpoint's config (`checkpoint`, else the model's own local one), else from the adapter's
     declared full-size architecture."""
+    origin, adapter = meta_adapter(name, checkpoint, registry)
+    defaults = adapter.feature_sites()
+    return origin, {site: site in defaults for site in adapter.vision_sites()}
+
+
+def meta_adapter(name: str, checkpoint: str | None = None, registry=None):
+    """(where the architecture came from, model `name`'s adapter around a weightless model on the
+    meta device): what its sites are can be asked before anything loads."""
     from pathlib import Path
 
     import torch
@@ -104,5 +118,5 @@ def describe_sites(name: str, checkpoint: str | None = None, registry=None) -> t
     with torch.device("meta"):
         model = getattr(transformers, adapter_class.model_class)._from_config(config)
     adapter = adapter_class(model, tokenizer=None, spec=spec)
-    defaults = adapter.feature_sites()
-    return origin, {site: site in defaults for site in adapter.vision_sites()}
+    adapter.registry = registry
+    return origin, adapter

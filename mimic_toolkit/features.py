@@ -44,6 +44,14 @@ class FeatureStats:
     mean: dict[str, torch.Tensor]
     var: dict[str, torch.Tensor]
     meta: dict[str, str]
+    path: Path | None = None  # the file it was read from
+
+    def record(self) -> dict:
+        """What a run's manifest says of its statistics: the file and a hash of its bytes."""
+        if self.path is None:
+            return {"path": None, "sha256": None, "meta": self.meta}
+        return {"path": str(self.path.resolve()), "sha256": hashlib.sha256(self.path.read_bytes()).hexdigest(),
+                "meta": self.meta}
 
     @property
     def sites(self) -> list[str]:
@@ -98,7 +106,8 @@ class FeatureStats:
                 if tensor.ndim != 1 or tensor.shape != tensors[f"{site}/mean"].shape:  # finite: read_safetensors
                     raise UserError(f"{where}: '{site}/{part}' must hold one number per channel "
                                     f"(is {tuple(tensor.shape)})")
-        return cls({s: tensors[f"{s}/mean"] for s in sites}, {s: tensors[f"{s}/var"] for s in sites}, meta)
+        return cls({s: tensors[f"{s}/mean"] for s in sites}, {s: tensors[f"{s}/var"] for s in sites}, meta,
+                   Path(path))
 
     @classmethod
     def find(cls, source: str | os.PathLike, model_id: str, class_index: int) -> "FeatureStats":

@@ -228,7 +228,7 @@ def manifest(config: dict, adapter, device: str, world_size: int) -> dict:
         "python": platform.python_version(),
         "model": config["model"], "adapter": type(adapter).__name__,
         "plugin": adapter.spec.plugin if adapter.spec else None,
-        "checkpoint": config["checkpoint"],
+        "checkpoint": adapter.checkpoint or config["checkpoint"],  # the resolved source (the model's own too)
         "revision": getattr(adapter.model.config, "_commit_hash", None) or config.get("revision"),
         "seed": config["seed"], "world_size": world_size, "device": device,
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
@@ -247,3 +247,18 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def summary(folder: Path) -> dict:
+    """A finished run in a few numbers (`--json`): where it is, what it inverted, how it ended."""
+    from .jsonfile import read_json_lines
+
+    info = json.loads((folder / "manifest.json").read_text())
+    metrics = sorted(folder.glob("metrics*.jsonl"))
+    last = read_json_lines(metrics[0])[-1] if metrics else {}
+    return {"run_folder": str(folder), "report": str(folder / "report.html"), "model": info["model"],
+            "concept": info.get("concept"), "steps": last.get("step"), "p_answer": last.get("p_answer"),
+            "p_target": dict(zip(info.get("target_tokens") or [], last.get("p_target") or [])),
+            "terms": last.get("terms"), "verdicts": info.get("verdicts", {}),
+            "seconds": sum(t["seconds"] for t in info.get("timings", [])),
+            "images": [str(p) for p in sorted((folder / "images").glob("*.png"))]}

@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from .config import InversionConfig, normalise_keys, read_config_file, resolve
 from .adapter import checkpoint_source
-from .engine import format_prompt, load_model, resolve_device, vision_sites
+from .engine import format_prompt, load_model, meta_adapter, resolve_device, vision_sites
 from .errors import UserError
 from .features import FeatureStats
 from .inversion import build_inversion
@@ -23,7 +25,8 @@ from .runfolder import RunFolder, manifest
 from .specs import AdapterSpec
 
 # Settings that may differ when a run is resumed (they do not change the result).
-RESUME_MAY_CHANGE = {"device", "outputs", "compile", "memory_saving"}  # where and how, not what
+RESUME_MAY_CHANGE = {"device", "outputs", "compile", "memory_saving",  # where and how, not what
+                     "log_every", "grid_every", "checkpoint_every"}
 
 
 class Interrupted(Exception):
@@ -39,16 +42,12 @@ def build_config(registry: Registry, flags: dict, config_file: str | None = None
     """defaults < the model's defaults < config file < flags; with `resume`, the run's own config,
     and any setting given again must agree with it."""
     file_layer = read_config_file(config_file) if config_file else {}
-    given = {**file_layer, **{k: v for k, v in flags.items() if v is not None}}
+    given = absolute_inputs({**file_layer, **{k: v for k, v in flags.items() if v is not None}})
     if "scales" in file_layer and "scales" in given:
         given["scales"] = {**file_layer["scales"], **given["scales"]}  # scales merge per term
     if resume:
         stored = normalise_keys(RunFolder.for_resume(resume).read_config(), f"run '{resume}'")
-        for key, value in given.items():
-            if key not in RESUME_MAY_CHANGE and key in stored and stored[key] != value and not (
-                    key == "scales" and all(stored["scales"].get(t) == s for t, s in value.items())):
-                raise UserError(f"--resume: run '{resume}' was made with {key}={stored[key]!r}, "
-                                f"not {value!r}; start a new run to change it")
+        check_same_settings(stored, given, f"--resume: run '{resume}'")
         config = resolve([stored, {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}])
         config.validate(registry.objective_specs())  # the stored file may have been edited
         return config
@@ -64,6 +63,22 @@ def build_config(registry: Registry, flags: dict, config_file: str | None = None
     return config
 
 
+def check_same_settings(stored: dict, given: dict, run: str) -> None:
+    """A run continued (or a sweep's class reused) must have been made with the settings given
+    now, the where-and-how settings aside; else one line naming the first that differs."""
+    for key, value in given.items():
+        if value is not None and key not in RESUME_MAY_CHANGE and key in stored and stored[key] != value and not (
+                key == "scales" and all(stored["scales"].get(t) == s for t, s in value.items())):
+            raise UserError(f"{run} was made with {key}={stored[key]!r}, not {value!r}; start a new run to change it")
+
+
+def absolute_inputs(settings: dict) -> dict:
+    """Input paths made absolute, so a run's config.yaml works as `--config` from any folder."""
+    paths = {"prompts", "stats"} | ({"checkpoint"} if settings.get("checkpoint") and
+                                    Path(settings["checkpoint"]).expanduser().exists() else set())
+    return {k: str(Path(v).expanduser().resolve()) if k in paths and v else v for k, v in settings.items()}
+
+
 def load_configured(registry: Registry, config: InversionConfig, device: str | None = None):
     """The model a run's settings name, loaded through `load_model` (on `device`, else the config's)."""
     return load_model(config.model, checkpoint=config.checkpoint, device=device or config.device, dtype=config.dtype,
@@ -72,10 +87,16 @@ def load_configured(registry: Registry, config: InversionConfig, device: str | N
 
 
 def concept_of(config: InversionConfig, spec: AdapterSpec):
-    if config.question is not None:
-        return direct(config.question, config.answer)
+    """The concept a run inverts. A direct question whose answer is one of the prompt file's
+    concepts (the same words, any case) is that concept asked another way: it keeps the concept's
+    class index, so a statistics folder gives its statistics."""
     source = config.prompts or spec.prompts or str(IMAGENET_PROMPTS)
-    return select(load_prompts(source), config.class_index, f"prompt file '{source}'")
+    if config.question is None:
+        return select(load_prompts(source), config.class_index, f"prompt file '{source}'")
+    asked = direct(config.question, config.answer)
+    known = load_prompts(source) if config.prompts or Path(source).is_file() else []
+    same = [c for c in known if c.target.strip().casefold() == asked.target.strip().casefold()]
+    return replace(asked, class_index=same[0].class_index, class_name=same[0].class_name) if same else asked
 
 
 class Processes:
@@ -128,11 +149,12 @@ def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | 
         if procs.rank == 0 and not resume:
             run.create()  # before the try: a folder that was there already is never removed
         try:
-            info = _restore(inversion, run) if resume else _start(run, config, adapter, concept, procs)
+            info = _restore(inversion, run) if resume else _start(run, config, adapter, concept, procs,
+                                                                  stats and stats.record(), inversion.targets.tolist())
             first_step, started = inversion.step, time.perf_counter()
             _optimise(inversion, run, config, adapter, progress if procs.rank == 0 else None, stop_requested,
                       procs.rank)
-            return _finish(run, inversion, adapter, info, procs, config.iterations - first_step,
+            return _finish(registry, run, inversion, adapter, concept, info, procs, config.iterations - first_step,
                            time.perf_counter() - started)
         except Exception:
             # a failure before the first checkpoint (a full disk, say) leaves nothing worth resuming
@@ -179,22 +201,27 @@ def _restore(inversion, run: RunFolder) -> dict:
     return run.read_manifest()
 
 
-def _start(run: RunFolder, config: InversionConfig, adapter, concept, procs: Processes) -> dict:
+def _start(run: RunFolder, config: InversionConfig, adapter, concept, procs: Processes,
+           stats_record: dict | None, target_ids: list[int]) -> dict:
     """A new run: its config and manifest, in the folder `run_inversion` created."""
-    if procs.rank == 0:
-        run.write_config(config.to_dict())
+    if procs.rank == 0:  # reusable as --config: the inputs, not this run's own folder
+        run.write_config({k: v for k, v in config.to_dict().items() if k != "outputs"})
     procs.wait()
     info = manifest(config.to_dict(), adapter, procs.device, procs.world_size)
     info.update(concept={"class_index": concept.class_index, "class_name": concept.class_name,
-                         "target": concept.target})
+                         "target": concept.target}, stats=stats_record,
+                target_tokens=adapter.tokenizer.convert_ids_to_tokens(target_ids))
     if procs.rank == 0:
         run.write_manifest(info)
     return info
 
 
-def _finish(run: RunFolder, inversion, adapter, info: dict, procs: Processes, steps_run: int, seconds: float) -> Path:
-    """Images, the last checkpoint, timings and the report; the folder gets its final name."""
-    run.save_images(adapter.denormalise(inversion.images.detach()))
+def _finish(registry: Registry, run: RunFolder, inversion, adapter, concept, info: dict, procs: Processes,
+            steps_run: int, seconds: float) -> Path:
+    """Images, the last checkpoint, timings, an independent judge's verdict (where a plugin has one
+    for the concept) and the report; the folder gets its final name."""
+    final_images = adapter.denormalise(inversion.images.detach())
+    run.save_images(final_images)
     run.save_checkpoint(inversion.state_dict())
     procs.wait()
     if procs.rank != 0:
@@ -202,6 +229,9 @@ def _finish(run: RunFolder, inversion, adapter, info: dict, procs: Processes, st
     info["timings"] = info.get("timings", []) + [{"steps": steps_run, "seconds": round(seconds, 3),
                                                   "ms_per_step": round(1000 * seconds / max(steps_run, 1), 2)}]
     info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    verdict = registry.ask("mimic_verify_images", images=final_images.float().cpu(), concept=concept)
+    if verdict:
+        info["verdicts"] = {f"verifier: {name}": round(value, 4) for name, value in verdict.items()}
     run.write_manifest(info)
     from .report import write_report
 
@@ -258,6 +288,11 @@ def check_inputs(config: InversionConfig, spec: AdapterSpec, needs_checkpoint: b
 
     concept = checked(concept_of, config, spec)
     stats = checked(_stats_for, config, spec, concept) if concept else None
+    side = config.resolution or spec.resolution
+    if side and config.jitter >= side:  # the reflect pad must be smaller than the image
+        problems.append(f"jitter must be smaller than the image side {side}, not {config.jitter}")
+    if config.feature_sites and config.scales.get("feature"):
+        checked(_check_sites, config, spec)
     if needs_checkpoint:
         source = config.checkpoint or spec.checkpoint
         if source:
@@ -269,6 +304,14 @@ def check_inputs(config: InversionConfig, spec: AdapterSpec, needs_checkpoint: b
     return concept, stats
 
 
+def _check_sites(config: InversionConfig, spec: AdapterSpec) -> None:
+    """--feature-sites against the model's architecture (its config; no weights are read). A hub id
+    is not fetched for this: its sites are checked once it has loaded."""
+    source = config.checkpoint or spec.checkpoint
+    if source is None or Path(source).expanduser().is_dir():
+        vision_sites(meta_adapter(spec.id, config.checkpoint)[1], config.feature_sites)
+
+
 def _stats_for(config: InversionConfig, spec: AdapterSpec, concept) -> FeatureStats | None:
     if not config.scales.get("feature"):
         return None
@@ -276,6 +319,13 @@ def _stats_for(config: InversionConfig, spec: AdapterSpec, concept) -> FeatureSt
     if not source:
         raise UserError("the feature-statistics term needs --stats FILE (make one with `mimic stats`), "
                         "or turn the term off with --feature-loss-scale 0")
+    if concept.class_index < 0 and Path(source).is_dir():
+        # a folder holds statistics per concept, and this answer is none of them: the run is still
+        # meaningful without the term, and its config records the term as off
+        config.scales["feature"] = 0.0
+        print(f"note: the answer '{concept.target}' is no concept of the prompt file, so the statistics folder "
+              f"'{source}' has none for it; running without the feature-statistics term", file=sys.stderr)
+        return None
     return FeatureStats.find(source, spec.id, concept.class_index)
 
 

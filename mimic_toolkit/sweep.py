@@ -3,17 +3,18 @@
 classes and resumes an interrupted one, so shards can be restarted (or pre-empted) at will."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 from .atomic import PARTIAL, partial_path, write_file
-from .config import InversionConfig
+from .config import InversionConfig, read_config_file
 from .errors import UserError
 from .htmlkit import heading, image, link, page, table
 from .prompts import IMAGENET_PROMPTS, load_prompts
 from .registry import Registry
 from .runfolder import RunBusy, RunFolder
-from .session import Processes, build_config, load_configured, run_inversion
+from .session import Processes, build_config, check_same_settings, load_configured, run_inversion
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -48,12 +49,14 @@ def run_sweep(registry: Registry, config: InversionConfig, folder: Path, classes
     for class_index in mine:
         final = folder / f"c{class_index}"
         partial = partial_path(final)
-        if final.is_dir():
+        settings = replace(config, class_index=class_index, prompts=prompts, outputs=str(final), scales=dict(config.scales))
+        if final.is_dir():  # kept only if it is what this command would make now
+            check_same_settings(read_config_file(final / "config.yaml"), settings.to_dict(),
+                                f"class {class_index} of sweep '{folder}' (a finished run)")
             say(f"class {class_index}: finished earlier, skipped")
             done.append(final)
             continue
         adapter = adapter or load_configured(registry, config, Processes(config.device).device)
-        settings = replace(config, class_index=class_index, prompts=prompts, outputs=str(final), scales=dict(config.scales))
         resume = str(partial) if RunFolder(final).checkpoint_path.is_file() else None
         try:
             _check_free(final)  # before "starting": a class another process runs is one line
@@ -84,14 +87,33 @@ def _check_free(final: Path) -> None:
 def write_index(folder: Path) -> Path:
     """index.html linking every class's report; rebuilt from the folder, so any shard may write it."""
     rows = []
-    for run in sorted(folder.glob("c*"), key=lambda p: p.name):
+    for class_index, run in sorted(_class_folders(folder)):
         name = run.name
+        concept = _concept_name(run)
         if name.endswith(PARTIAL):
-            rows.append([name[:-len(PARTIAL)], "in progress", ""])
+            rows.append([class_index, concept, "in progress", ""])
             continue
         thumb = next(iter(sorted((run / "images").glob("*.png"))), None)
         # linked, not embedded: the index is rewritten after every class of a sweep of hundreds
         picture = image(f"{name}/images/{thumb.name}", width=96, alt=name) if thumb else ""
-        rows.append([link(f"{name}/report.html", name), "done", picture])
-    index = page("mimic sweep", heading("Sweep"), table(["class", "status", "image"], rows))
+        rows.append([link(f"{name}/report.html", str(class_index)), concept, "done", picture])
+    index = page("mimic sweep", heading("Sweep"), table(["class", "concept", "status", "image"], rows))
     return write_file(folder / "index.html", index)
+
+
+def _class_folders(folder: Path) -> list[tuple[int, Path]]:
+    """(class index, run folder) of every `c<index>` folder, finished or not."""
+    found = []
+    for run in folder.glob("c*"):
+        digits = run.name[1:].removesuffix(PARTIAL)
+        if run.is_dir() and digits.isdigit():
+            found.append((int(digits), run))
+    return found
+
+
+def _concept_name(run: Path) -> str:
+    """The class name a run's manifest records ("" before it has one)."""
+    try:
+        return json.loads((run / "manifest.json").read_text())["concept"]["class_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""

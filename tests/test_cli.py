@@ -88,7 +88,7 @@ def test_missing_and_non_model_checkpoints(in_tmp):
                       "checkpoint folder 'nowhere' does not exist")
     (in_tmp / "empty").mkdir()
     assert_user_error(invoke("invert", "--checkpoint", "empty", "--feature-loss-scale", "0", *FAST),
-                      "'empty' is not a model folder")
+                      "empty' is not a model folder")
     assert not (in_tmp / "runs").exists()
 
 
@@ -195,7 +195,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_checkpoint, in_tm
 
 def test_every_setting_is_a_documented_flag_of_invert():
     """InversionConfig's fields are the one definition of the settings: a new one is a flag at once."""
-    from dataclasses import fields
+    from dataclasses import MISSING, fields
 
     import typer.main
 
@@ -206,5 +206,9 @@ def test_every_setting_is_a_documented_flag_of_invert():
         assert f.metadata.get("help"), f"setting '{f.name}' has no help (declare it with config.setting)"
         if f.metadata["flag"]:
             assert f"--{f.name.replace('_', '-')}" in params[f.name].opts, f.name
-            assert params[f.name].help == f.metadata["help"]
+            assert params[f.name].help.startswith(f.metadata["help"])
+            if f.default not in (None, MISSING):  # the default is shown, as the field declares it
+                shown = f.name.replace("_", "-") if f.default is True else None if f.default is False else f.default
+                assert f"(default: {shown if shown is not None else 'no-' + f.name.replace('_', '-')})" in \
+                    params[f.name].help, f.name
     assert "-m" in params["model"].opts and params["flip"].secondary_opts == ["--no-flip"]

@@ -11,7 +11,8 @@ HERE = Path(__file__).parent
 
 @toy.command("train")
 def train_command(
-    out: Path = typer.Option(HERE / "checkpoint", help="Checkpoint folder to write."),
+    out: Path = typer.Option(Path("toy-checkpoint"), help="Checkpoint folder to write (a new one; the bundled "
+                             "model stays as it is unless named here)."),
     seed: int = typer.Option(0),
     vision_steps: Optional[int] = typer.Option(None, help="Steps of the vision-tower pre-training (default: the recipe's)."),
     language_steps: Optional[int] = typer.Option(None, help="Steps of the whole-VLM stage (default: the recipe's)."),
@@ -61,6 +62,35 @@ def icl_dataset_command(
     from .train_icl import write_icl_dataset
 
     typer.echo(str(write_icl_dataset(out, n=n, seed=seed, task=task, question=question) / "icl.jsonl"))
+
+
+@toy.command("images")
+def images_command(
+    out: Path = typer.Option(..., help="Folder to write (a new one): PNGs for `mimic stats --images`."),
+    n: int = typer.Option(64, help="Number of images."),
+    class_index: Optional[int] = typer.Option(None, help="One concept, 0-23 (the prompt file's); default: random ones."),
+    seed: int = typer.Option(0),
+):
+    """Generated images of one toy concept (or of random ones), as files."""
+    from .dataset import write_images
+
+    typer.echo(str(write_images(out, n=n, seed=seed, class_index=class_index)))
+
+
+@toy.command("dataset")
+def dataset_command(
+    out: Path = typer.Option(..., help="Folder to write (a new one): images/ and dataset.jsonl."),
+    n: int = typer.Option(200, help="Number of images."),
+    kind: str = typer.Option("describe", help="The generator's question and answer: shape | colour | describe."),
+    question: Optional[str] = typer.Option(None, help="Ask this instead of the kind's question."),
+    answer: Optional[str] = typer.Option(None, help="Answer this attribute instead: shape | colour | describe."),
+    seed: int = typer.Option(0),
+):
+    """Generated images with a question and answer each, in the capture format (image, question,
+    answer, id, labels) that `mimic capture`, `mimic concepts` and `mimic icl` read."""
+    from .dataset import write_dataset
+
+    typer.echo(str(write_dataset(out, n=n, seed=seed, kind=kind, question=question, answer=answer)))
 
 
 @toy.command("train-verifier")

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .atomic import write_file
+from .atomic import refuse_existing, write_file
 from .errors import UserError
 
 concepts_app = typer.Typer(no_args_is_help=True, help="Concept dictionaries of captured hidden states.")
@@ -34,6 +34,14 @@ def _load(model: Optional[str], checkpoint: Optional[str], revision: Optional[st
     return adapter.model_id, str(local.resolve()) if local.exists() else adapter.checkpoint, adapter
 
 
+def _model_id(model: Optional[str]) -> str:
+    """The id `--model` names (default: the bundled toy model's), without loading it."""
+    from .registry import default_registry
+
+    registry = default_registry()
+    return (registry.adapter_spec(model) if model else registry.default_model()).id
+
+
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in text)[:40]
 
@@ -54,8 +62,9 @@ def capture(
 
     selector = Selector.parse(tokens)
     samples = load_samples(images, dataset, question, allow_outside)
+    out = out or Path("features") / _slug(f"{_model_id(model)}-{site}-{tokens}")
+    refuse_existing(out, "--out")  # before the model loads
     model_id, source, adapter = _load(model, checkpoint, revision, device, dtype)
-    out = out or Path("features") / _slug(f"{model_id}-{site}-{tokens}")
     folder = run_capture(adapter, model_id, samples, site, selector, out, checkpoint=source, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, word_position=word_position, generate=generate)
     meta = json.loads((folder / "meta.json").read_text())
@@ -83,11 +92,12 @@ def concepts_fit(
     from .concepts import fit_concepts
 
     data = Features.load(features)
+    out = out or Path("concepts") / _slug(f"{features.name}-{method}-{k}")
+    refuse_existing(out, "--out")  # before the model loads
     adapter = None
     if not no_words:
         adapter = _load(data.model, checkpoint or data.meta["checkpoint"], data.meta.get("revision") or None,
                         device, "float32")[2]
-    out = out or Path("concepts") / _slug(f"{features.name}-{method}-{k}")
     folder = fit_concepts(data, method, k, out, adapter=adapter, seed=seed, sparsity=sparsity, words=words,
                           images=images, apply_final_norm=final_norm)
     summary = json.loads((folder / "concepts.json").read_text())
@@ -110,6 +120,8 @@ def concepts_project(
     from .lm_capture import Features
     from .concepts import ConceptSet, project
 
+    if out:
+        refuse_existing(out, "--out")
     rows = project(ConceptSet.load(concepts), Features.load(features), top)
     if out:
         write_file(out, "".join(json.dumps(row) + "\n" for row in rows), new="--out")
@@ -128,6 +140,7 @@ def steer_build(
     from .lm_capture import Features
     from .steer import build_vector, save_vector
 
+    refuse_existing(out, "--out")
     vector, meta = build_vector(Features.load(base), Features.load(target))
     save_vector(vector, meta, out)
     typer.echo(f"vector at {meta['site']}, norm {meta['norm']:.4g} ({meta['base_samples']} base, "
@@ -155,6 +168,8 @@ def steer_apply(
     if not math.isfinite(alpha):  # NaN or inf would steer every answer into garbage
         raise UserError(f"--alpha must be a finite number, not {alpha}")
     policy = PositionPolicy.parse(positions)
+    if out:
+        refuse_existing(out, "--out")  # before the model loads and every answer is generated
     direction, meta = load_vector(vector)
     samples = load_samples(images, dataset, question, allow_outside)
     model_id, _, adapter = _load(model, checkpoint, revision, device, dtype)
@@ -190,6 +205,8 @@ def shift(
     from .lm_capture import Features
     from .shift import shift_analysis
 
+    if out:
+        refuse_existing(out, "--out")
     before, after = Features.load(original), Features.load(finetuned)
     adapter = _load(after.model, checkpoint or after.meta["checkpoint"], after.meta.get("revision") or None,
                     device, "float32")[2] if not no_words else None

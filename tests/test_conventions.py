@@ -135,3 +135,20 @@ def test_toy_images_and_dataset_make_new_folders_only(in_tmp):
     assert again.exit_code == 2 and "already exists" in again.stderr
     bad = invoke("toy", "images", "--out", "x", "--class-index", "24")
     assert bad.exit_code == 2 and not (in_tmp / "x").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["steer", "apply", "--vector", "v.safetensors", "--images", "imgs", "--out", "taken"],
+    ["capture", "--images", "imgs", "--site", "lm.1", "--tokens", "image", "--out", "taken"],
+    ["steer", "build", "--base", "a", "--target", "b", "--out", "taken"],
+])
+def test_an_existing_output_is_refused_before_the_model_loads(in_tmp, monkeypatch, command):
+    import mimic_toolkit.engine as engine
+
+    monkeypatch.setattr(engine, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (in_tmp / "imgs").mkdir()
+    assert invoke("toy", "images", "--out", "imgs/red", "--n", "1").exit_code == 0
+    (in_tmp / "taken").write_text("kept")
+    result = invoke(*command)
+    assert result.exit_code == 2 and "'taken' already exists" in result.stderr, result.output
+    assert (in_tmp / "taken").read_text() == "kept"

@@ -47,8 +47,16 @@ def sae_page(cfg: dict, log: list[dict], evaluation: dict) -> str:
                 table(["tokens", "FVU", "cosine", "L0", "dead", "dense (> 10 %)", "rows"], rows))
 
 
+def get(value, *path):
+    """value[path[0]][path[1]]...; None where a step is missing or None."""
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
 def layers_page(study: dict) -> str:
-    """The layer study: a table per site and one plot per measure across the sites."""
+    """The layer study: a table per site and one plot per measure across the sites (a measure a
+    site has not, such as spliced CE before the language model, is left out of its line)."""
     sites, rows = study["sites"], study["rows"]
     title = f"SAEs on visual tokens, layer by layer: {study['model']}"
     summary = {"sites": ", ".join(sites), "token groups": ", ".join(study["groups"]),
@@ -56,31 +64,32 @@ def layers_page(study: dict) -> str:
                "labels": ", ".join(study["label_keys"]),
                "SAE": f"{study['settings']['architecture']}, {study['settings']['d_sae']} latents, "
                       f"k {study['settings']['k']}, {study['settings']['steps']} steps"}
-    per_group = lambda measure: {g: [r["groups"][g][measure] for r in rows] for g in study["groups"]}
-    recovered = [r["splice"]["recovered"] for r in rows]
+    per_group = lambda measure: {g: [get(r, "groups", g, measure) for r in rows] for g in study["groups"]}
+    keys = study["label_keys"]
     plots = [line_plot(sites, per_group("fvu"), title="FVU (image-token SAE)", low=0),
              line_plot(sites, per_group("l0"), title="L0", low=0),
              line_plot(sites, per_group("dead_fraction"), title="dead fraction", low=0, high=1),
-             line_plot(sites, {"CE recovered": recovered,
-                               "answers unchanged": [r["splice"]["unchanged"]["sae"] for r in rows]},
+             line_plot(sites, {"CE recovered": [get(r, "splice", "recovered") for r in rows],
+                               "answers unchanged": [get(r, "splice", "unchanged", "sae") for r in rows]},
                        title="spliced at the image positions", low=0, high=1),
              line_plot(sites, {"logit-lens readability": [r["readability"] for r in rows]},
                        title="readability of image tokens", low=0, high=1),
-             line_plot(sites, {f"probe {k}": [r["probe"][k] for r in rows] for k in study["label_keys"]},
+             line_plot(sites, {f"probe {k}": [r["probe"][k] for r in rows] for k in keys},
                        title="linear probe accuracy", low=0, high=1),
-             line_plot(sites, {f"purity {k}": [r["purity"][k] for r in rows] for k in study["label_keys"]},
+             line_plot(sites, {f"purity {k}": [r["purity"][k] for r in rows] for k in keys},
                        title="latent label purity", low=0, high=1),
-             line_plot(sites, {name: [r["judge"][name] for r in rows] for name in ("match", "shuffled", "difference")},
+             line_plot(sites, {name: [get(r, "judge", name) for r in rows] for name in ("match", "shuffled", "difference")},
                        title="exact judge vs shuffled labels", high=1)]
     fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
     header = ["site", *(f"FVU {g}" for g in study["groups"]), "L0", "dead", "CE clean / SAE / zero", "recovered",
-              "unchanged", "readability", *(f"probe {k}" for k in study["label_keys"]), "judge", "shuffled"]
+              "unchanged", "readability", *(f"probe {k}" for k in keys), "judge", "shuffled"]
     body = []
     for r in rows:
-        ce, image = r["splice"]["ce"], r["groups"]["image"]
-        body.append([r["site"], *(fmt(r["groups"][g]["fvu"]) for g in study["groups"]), fmt(image["l0"]),
-                     fmt(image["dead_fraction"]), f"{ce['clean']:.3f} / {ce['sae']:.3f} / {ce['zero']:.3f}",
-                     r["splice"].get("note") or fmt(r["splice"]["recovered"]), fmt(r["splice"]["unchanged"]["sae"]),
-                     fmt(r["readability"]), *(fmt(r["probe"][k]) for k in study["label_keys"]),
-                     fmt(r["judge"]["match"]), fmt(r["judge"]["shuffled"])])
+        ce = get(r, "splice", "ce")
+        body.append([r["site"], *(fmt(get(r, "groups", g, "fvu")) for g in study["groups"]),
+                     fmt(get(r, "groups", "image", "l0")), fmt(get(r, "groups", "image", "dead_fraction")),
+                     f"{ce['clean']:.3f} / {ce['sae']:.3f} / {ce['zero']:.3f}" if ce else "-",
+                     get(r, "splice", "note") or fmt(get(r, "splice", "recovered")),
+                     fmt(get(r, "splice", "unchanged", "sae")), fmt(r["readability"]),
+                     *(fmt(r["probe"][k]) for k in keys), fmt(get(r, "judge", "match")), fmt(get(r, "judge", "shuffled"))])
     return page(title, heading(title), facts(summary), table(header, body), heading("Across layers", 2), *plots)

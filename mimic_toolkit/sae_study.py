@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_folder, refuse_existing
+from .hooks import SiteHooks
 from .concepts import ground_words, whole_word_tokens
 from .engine import format_prompt
 from .errors import UserError
@@ -36,19 +37,39 @@ from .sae_splice import splice_metrics
 from .sae_train import StreamedRows, TrainSettings, evaluate_sae, train_to_folder
 
 GROUPS = ("image", "prompt", "text-only")
+IMAGE_SITES = ("vision.out", "projector.out")  # before the language model: image tokens only
+
+
+class ImageTokens(SiteHooks):
+    """Records image sites (`vision.out`, `projector.out`) as [B, tokens, channels]."""
+
+    def __init__(self, adapter, sites: list[str], batch_size: int):
+        available = adapter.image_sites()
+        super().__init__({site: available[site] for site in sites})
+        self.adapter, self.batch_size, self.tokens = adapter, batch_size, {}
+
+    def on_output(self, site, output):
+        self.tokens[site] = self.adapter.site_tokens(site, output, self.batch_size)
 
 
 @torch.no_grad()
 def capture_sites(adapter, model_id: str, checkpoint: str, samples, sites: list[str], folder: Path, *,
                   text_only: dict | None = None, batch_size: int = 16) -> dict[str, Features]:
     """Every position of every site in one forward per batch, a features folder per site
-    (`--tokens all` layout). With `text_only` ({sample id: description}), the prompt is the chat
-    without the image whose user message is the description followed by the question."""
+    (`--tokens all` layout). An image site's rows are its own tokens, all counted as image
+    tokens. With `text_only` ({sample id: description}), the prompt is the chat without the image
+    whose user message is the description followed by the question (LM sites only)."""
+    image_sites = [site for site in sites if site in IMAGE_SITES]
+    lm_sites = [site for site in sites if site not in IMAGE_SITES]
+    if text_only:
+        sites, image_sites = lm_sites, []
     writers = {site: FeatureWriter(folder / site.replace(".", "-")) for site in sites}
+    widths = {}
     for question, group in by_question(samples):
         prompt = None if text_only else format_prompt(adapter, [(question, "")], target=False)
-        for start in range(0, len(group), batch_size if prompt else 1):
-            batch = group[start:start + (batch_size if prompt else 1)]
+        step = batch_size if prompt else 1
+        for start in range(0, len(group), step):
+            batch = group[start:start + step]
             if prompt is None:
                 text_prompt = format_prompt(adapter, [(f"{text_only[batch[0].id]}\n{question}", "")], target=False,
                                             image_turns=())
@@ -58,17 +79,21 @@ def capture_sites(adapter, model_id: str, checkpoint: str, samples, sites: list[
                 inputs = {**adapter.pixel_inputs(adapter.preprocess(open_images(batch))),
                           **adapter.text_inputs(prompt, len(batch))}
                 length, image_positions = len(prompt.input_ids), prompt.image_positions.tolist()
-            with LMRecorder(adapter, sites) as recorder:
+            with LMRecorder(adapter, lm_sites) as recorder, ImageTokens(adapter, image_sites, len(batch)) as images:
                 adapter.model(**inputs, use_cache=False, logits_to_keep=1)
+            states = {**recorder.hidden, **images.tokens}
             for site in sites:
-                hidden = recorder.hidden[site].float().cpu()
+                hidden = states[site].float().cpu()
+                widths[site] = hidden.shape[-1]
+                count = hidden.shape[1] if site in image_sites else length
+                own = list(range(count)) if site in image_sites else image_positions
                 for b, sample in enumerate(batch):
                     writers[site].add({"id": sample.id, "image": str(sample.image), "question": question,
-                                       "prompt_length": length, "image_positions": image_positions,
-                                       "labels": sample.labels, "positions": list(range(length))}, hidden[b])
-    meta = {"model": model_id, "checkpoint": checkpoint, "revision": "", "hidden_size": adapter.hidden_size,
-            "selector": "all"}
-    return {site: Features.load(writers[site].finish({**meta, "site": site})) for site in sites}
+                                       "prompt_length": count, "image_positions": own, "labels": sample.labels,
+                                       "positions": list(range(count))}, hidden[b])
+    meta = {"model": model_id, "checkpoint": checkpoint, "revision": "", "selector": "all"}
+    return {site: Features.load(writers[site].finish({**meta, "site": site, "hidden_size": widths[site]}))
+            for site in sites}
 
 
 def label_words(labels: dict) -> set[str]:
@@ -76,11 +101,14 @@ def label_words(labels: dict) -> set[str]:
 
 
 def _image_rows(features: Features) -> list[torch.Tensor]:
-    """Each sample's image-token rows."""
-    rows, matrix = [], features.matrix()
-    for entry in features.index:
-        start, _ = entry["rows"]
-        rows.append(matrix[[start + p for p in entry["image_positions"]]])
+    """Each sample's image-token rows, [image tokens, D] (rows of `--tokens all` features: one per position)."""
+    source = StreamedRows(features, "image")
+    rows = []
+    for number in range(len(source.selected)):
+        shard, start = source.shard(number), 0
+        for _, offsets in source.samples[number]:
+            rows.append(shard[start:start + len(offsets)])
+            start += len(offsets)
     return rows
 
 
@@ -155,7 +183,11 @@ def run_layers(adapter, model_id: str, checkpoint: str, train_samples, test_samp
         if name not in GROUPS:
             raise UserError(f"--groups must name {', '.join(GROUPS)}, not '{name}'")
     for site in sites:
-        adapter.lm_site(site)
+        if site in IMAGE_SITES:
+            if site not in adapter.image_sites():
+                raise UserError(f"this model's adapter names no projector, so it has no site {site}")
+        else:
+            adapter.lm_site(site)
     keys = sorted(set.intersection(*(set(s.labels) - {"answer"} for s in train_samples + test_samples)))
     if not keys:
         raise UserError("the datasets' samples need labels (e.g. {\"colour\": ..., \"shape\": ...}) to measure against")
@@ -183,15 +215,20 @@ def run_layers(adapter, model_id: str, checkpoint: str, train_samples, test_samp
 
             sae, _ = load_sae(sae_folder)
             row = {"site": site, "groups": {}}
-            for group in groups:
-                source = StreamedRows(text[site], "all") if group == "text-only" else StreamedRows(test[site], group)
-                row["groups"][group] = evaluate_sae(sae, source)
+            in_lm = site not in IMAGE_SITES
+            for group in groups:  # before the LM there are image tokens only
+                source = (StreamedRows(text[site], "all") if group == "text-only" else StreamedRows(test[site], group)) \
+                    if in_lm or group == "image" else None
+                row["groups"][group] = evaluate_sae(sae, source) if source else None
             on_progress(f"{site}: splicing the SAE in at the image positions")
-            row["splice"] = splice_metrics(adapter, sae, site, test_samples, "image", max_new_tokens=max_new_tokens)
+            row["splice"] = splice_metrics(adapter, sae, site, test_samples, "image", max_new_tokens=max_new_tokens) \
+                if in_lm else None
             final_norm = site != "lm.final_norm"
+            readable = sae.d_in == adapter.hidden_size  # the unembedding reads the LM's width only
             train_images, test_images = _image_rows(train[site]), _image_rows(test[site])
             test_labels = [e["labels"] for e in test[site].index]
-            row["readability"] = readability(adapter, test_images, test_labels, vocabulary, final_norm)
+            row["readability"] = readability(adapter, test_images, test_labels, vocabulary, final_norm) \
+                if readable else None
             train_mean = torch.stack([r.mean(0) for r in train_images])
             test_mean = torch.stack([r.mean(0) for r in test_images])
             row["probe"] = {key: probe_accuracy(train_mean, [e["labels"][key] for e in train[site].index], test_mean,
@@ -201,14 +238,15 @@ def run_layers(adapter, model_id: str, checkpoint: str, train_samples, test_samp
             strongest = torch.stack([c.amax(0) for c in codes])
             mean_codes = torch.stack([c.mean(0) for c in codes])
             row["purity"] = {key: latent_purity(strongest, [lab[key] for lab in test_labels]) for key in keys}
-            words = ground_words(adapter, sae.W_dec.to(adapter.device), apply_final_norm=final_norm, count=judge_words,
-                                 vocabulary=vocabulary)
-            shuffled = [test_labels[i] for i in torch.randperm(len(test_labels),
-                                                               generator=torch.Generator().manual_seed(seed)).tolist()]
-            match = judge_match(mean_codes, words, test_labels, judge_latents)
-            control = judge_match(mean_codes, words, shuffled, judge_latents)
-            row["judge"] = {"match": match, "shuffled": control, "difference": match - control,
-                            "latents": judge_latents, "words": judge_words}
+            row["judge"] = None
+            if readable:
+                words = ground_words(adapter, sae.W_dec.to(adapter.device), apply_final_norm=final_norm,
+                                     count=judge_words, vocabulary=vocabulary)
+                order = torch.randperm(len(test_labels), generator=torch.Generator().manual_seed(seed)).tolist()
+                match = judge_match(mean_codes, words, test_labels, judge_latents)
+                control = judge_match(mean_codes, words, [test_labels[i] for i in order], judge_latents)
+                row["judge"] = {"match": match, "shuffled": control, "difference": match - control,
+                                "latents": judge_latents, "words": judge_words}
             rows.append(row)
             on_progress(_summary(row))
         study = {"model": model_id, "checkpoint": checkpoint, "sites": sites, "groups": list(groups),
@@ -233,12 +271,14 @@ def _answers(adapter, samples, max_new_tokens: int) -> dict[str, str]:
 
 
 def _summary(row: dict) -> str:
-    image = row["groups"].get("image", {})
-    splice = row["splice"]
-    recovered = "not read downstream" if splice["recovered"] is None else f"{100 * splice['recovered']:.1f} %"
-    fmt = lambda v: "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+    fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+    image, splice, judge = row["groups"].get("image") or {}, row["splice"], row["judge"]
+    if splice is None:
+        spliced = "not spliced (before the LM)"
+    else:
+        recovered = "not read downstream" if splice["recovered"] is None else f"{100 * splice['recovered']:.1f} %"
+        spliced = f"CE recovered {recovered}, answers unchanged {fmt(splice['unchanged']['sae'])}"
     return (f"{row['site']}: image FVU {fmt(image.get('fvu'))}, L0 {fmt(image.get('l0'))}, dead "
-            f"{fmt(image.get('dead_fraction'))}; CE recovered {recovered}, answers unchanged "
-            f"{fmt(splice['unchanged']['sae'])}; readability {fmt(row['readability'])}; probe "
+            f"{fmt(image.get('dead_fraction'))}; {spliced}; readability {fmt(row['readability'])}; probe "
             + ", ".join(f"{k} {fmt(v)}" for k, v in row["probe"].items())
-            + f"; judge {fmt(row['judge']['match'])} vs shuffled {fmt(row['judge']['shuffled'])}")
+            + (f"; judge {fmt(judge['match'])} vs shuffled {fmt(judge['shuffled'])}" if judge else ""))

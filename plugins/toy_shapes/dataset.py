@@ -21,7 +21,7 @@ def write_images(out, *, n: int, seed: int = 0, class_index: int | None = None) 
     _check(out, n)
     if class_index is not None and not 0 <= class_index < len(shapes.SHAPES) * len(shapes.COLOURS):
         raise UserError(f"--class-index must be from 0 to 23 (the toy's concepts), not {class_index}")
-    rng = np.random.default_rng((seed, IMAGES_STREAM, -1 if class_index is None else class_index))
+    rng = np.random.default_rng((seed, IMAGES_STREAM, 0 if class_index is None else class_index + 1))
     with atomic_folder(out) as folder:
         for i in range(n):
             label = class_index if class_index is not None else int(rng.integers(0, 24))

@@ -318,3 +318,56 @@ def test_vision_out_and_projector_out_fire_and_the_projected_tokens_are_lm_embed
     assert projected.shape == (2, adapter.image_token_count(), adapter.hidden_size)
     assert recorder.tokens["vision.out"].shape[0] == 2 and recorder.tokens["vision.out"].ndim == 3
     assert torch.allclose(embed.hidden["lm.embed"][:, prompt.image_positions], projected.to(torch.float32), atol=1e-5)
+
+
+def test_image_rows_are_each_samples_own_across_shards(tmp_path):
+    from mimic_toolkit.sae_study import _image_rows
+
+    features = make_features(tmp_path / "f", samples=15)
+    assert len(features.meta["shards"]) >= 3
+    matrix, owners = features.matrix(), features.row_samples()
+    rows = _image_rows(features)
+    assert len(rows) == 15
+    for n, got in enumerate(rows):
+        assert torch.equal(got, matrix[owners == n][1:7])  # BOS first, then the 6 image tokens
+
+
+def test_probe_purity_and_judge_measure_what_they_say():
+    from mimic_toolkit.sae_study import judge_match, latent_purity, probe_accuracy
+
+    generator = torch.Generator().manual_seed(0)
+    labels = ["red", "blue"] * 20
+    x = torch.randn(40, 5, generator=generator) + torch.tensor([[3.0, 0, 0, 0, 0] if c == "red" else [0.0] * 5
+                                                               for c in labels])
+    assert probe_accuracy(x[:30], labels[:30], x[30:], labels[30:]) == 1
+    assert probe_accuracy(torch.randn(30, 5, generator=generator), labels[:30], torch.randn(10, 5), labels[30:]) < 1
+    pure = torch.tensor([[1.0, 0] if c == "red" else [0, 1.0] for c in labels])  # latent 0: red images only
+    assert latent_purity(pure, labels, top=10) == 1
+    assert latent_purity(torch.ones(40, 1), labels, top=10) < 1
+    words = [["red", "circle"], ["blue"]]
+    truth = [{"colour": c} for c in labels]
+    assert judge_match(pure, words, truth, latents=1) == 1
+    assert judge_match(pure, words, [{"colour": "green"}] * 40, latents=1) == 0
+
+
+@pytest.mark.slow
+def test_the_layer_study_on_the_tiny_checkpoint(tiny_llava, tmp_path):
+    from lm_helpers import colour_images
+    from mimic_toolkit.lm_capture import Sample
+    from mimic_toolkit.sae_study import run_layers
+
+    colours = ["red", "blue", "green"] * 4
+    paths = colour_images(tmp_path / "images", colours)
+    samples = [Sample(str(n), p, "What is in the image?", {"colour": c, "answer": f"a {c} circle"})
+               for n, (p, c) in enumerate(zip(paths, colours))]
+    out = run_layers(tiny_llava, "llava-llama3", "", samples[:8], samples[8:], ["projector.out", "lm.0", "lm.1"],
+                     tmp_path / "study", settings=TrainSettings(d_sae=64, k=4, steps=20, batch_size=32),
+                     on_progress=lambda line: None)
+    study = json.loads((out / "study.json").read_text())
+    projector, first, last = study["rows"]
+    assert projector["splice"] is None and projector["groups"]["prompt"] is None
+    assert first["splice"]["recovered"] is not None and last["splice"]["recovered"] is None
+    text_rows = StreamedRows(Features.load(out / "features" / "text-only" / "lm-0"), "all").rows
+    assert first["groups"]["text-only"]["rows"] == text_rows and text_rows > 4 * 3  # 4 prompts of words
+    assert all(0 <= row["readability"] <= 1 and 0 <= row["probe"]["colour"] <= 1 for row in study["rows"])
+    assert (out / "report.html").read_text().count("<svg") == 8

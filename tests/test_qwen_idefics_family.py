@@ -15,8 +15,11 @@ from mimic_plugins.qwen2_5_vl.adapter import Qwen2_5_VLAdapter
 from mimic_plugins.qwen2_vl.adapter import CLIP_MEAN, CLIP_STD
 from mimic_plugins.qwen3_vl.adapter import Qwen3VLAdapter
 from mimic_plugins.smolvlm.adapter import SmolVLM2Adapter, SmolVLMAdapter
+from mimic_toolkit.config import resolve
 from mimic_toolkit.errors import UserError
 from mimic_toolkit.features import FeatureRecorder
+from mimic_toolkit.inversion import ActiveTerm, Inversion
+from mimic_toolkit.terms import answer_ce
 
 TURNS = [("What is in the image?", "a red circle")]
 
@@ -78,6 +81,20 @@ def logits_after_reload(adapter, folder, config_json):
 def tiny_text_fields(text_config, *names):
     return {name: getattr(text_config, name) for name in names}
 
+
+
+@pytest.mark.parametrize("name", ["qwen2_5", "qwen3", "smolvlm", "internvl"])
+def test_a_short_inversion_lowers_the_answer_ce_the_same_with_recomputation(name, request):
+    adapter = request.getfixturevalue(name)
+    prompt = adapter.build_prompt(TURNS)
+    curves = []
+    for memory_saving in ("off", "selective"):
+        config = resolve([dict(iterations=8, batch_size=2, lr=0.1, jitter=0, flip=False, seed=0,
+                               resolution=adapter.resolution, memory_saving=memory_saving)])
+        with Inversion(adapter, prompt, config, [ActiveTerm("main", answer_ce, 1.0)]) as inversion:
+            curves.append([inversion.run_step(want_metrics=True)["terms"]["main"] for _ in range(8)])
+    assert curves[1] == pytest.approx(curves[0], rel=1e-4)
+    assert curves[0][-1] < 0.7 * curves[0][0]
 
 # -- Qwen2.5-VL ----------------------------------------------------------------------------------
 def test_qwen2_5_vl_block_outputs_come_back_in_the_processors_token_order(qwen2_5):

@@ -220,9 +220,10 @@ def run_layers(adapter, model_id: str, checkpoint: str, train_samples, test_samp
                 source = (StreamedRows(text[site], "all") if group == "text-only" else StreamedRows(test[site], group)) \
                     if in_lm or group == "image" else None
                 row["groups"][group] = evaluate_sae(sae, source) if source else None
-            on_progress(f"{site}: splicing the SAE in at the image positions")
-            row["splice"] = splice_metrics(adapter, sae, site, test_samples, "image", max_new_tokens=max_new_tokens) \
-                if in_lm else None
+            row["splice"] = None
+            if in_lm:
+                on_progress(f"{site}: splicing the SAE in at the image positions")
+                row["splice"] = splice_metrics(adapter, sae, site, test_samples, "image", max_new_tokens=max_new_tokens)
             final_norm = site != "lm.final_norm"
             readable = sae.d_in == adapter.hidden_size  # the unembedding reads the LM's width only
             train_images, test_images = _image_rows(train[site]), _image_rows(test[site])

@@ -237,6 +237,7 @@ def test_a_perfect_sae_spliced_in_recovers_all_ce_and_the_last_layer_is_not_read
     assert last["ce"]["zero"] == pytest.approx(last["ce"]["clean"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_train_eval_import_and_cards_through_the_cli(tiny_checkpoint, in_tmp):
     from typer.testing import CliRunner
 

@@ -214,7 +214,8 @@ def run_layers(adapter, model_id: str, checkpoint: str, train_samples, test_samp
             from .sae import load_sae
 
             sae, _ = load_sae(sae_folder)
-            row = {"site": site, "groups": {}}
+            trained = json.loads((sae_folder / "evaluation.json").read_text())["image"]  # on its training rows
+            row = {"site": site, "train": trained, "groups": {}}
             in_lm = site not in IMAGE_SITES
             for group in groups:  # before the LM there are image tokens only
                 source = (StreamedRows(text[site], "all") if group == "text-only" else StreamedRows(test[site], group)) \

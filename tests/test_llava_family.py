@@ -2,6 +2,9 @@
 processors (built from the tiny configs): the pixels the model gets for an image that needs no
 resizing, the prompt's token layout, and each model's own attention over the image; the full
 architectures' image-token counts against the processors' own counting."""
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -295,6 +298,125 @@ def test_paligemma_attention_is_prefix_lm(paligemma_tiny):
 def test_paligemma_refuses_a_system_prompt(paligemma_tiny):
     with pytest.raises(Exception, match="no system prompt"):
         paligemma_tiny.build_prompt(TURNS, system="Be brief.")
+
+
+# -- all four: the public checkpoints' folders ---------------------------------------------------
+def loads_from_a_hub_folder(adapter, folder, config_json, preprocessor_json):
+    """The tiny model saved as the public checkpoint's folder is laid out: its config.json fields
+    (`config_json`, the tiny's sizes), the processor's files, and the weights under the hub's names
+    (they predate transformers 5's module layout: transformers 5 writes them so but for the
+    vision tower's `vision_model.`, and reads them all). Loaded through the adapter, it gives the
+    tiny's logits."""
+    from safetensors.torch import load_file, save_file
+
+    adapter.save(folder)
+    weights = load_file(folder / "model.safetensors")
+    assert any(name.startswith("language_model.model.layers.0.") for name in weights)
+    hub_names = {re.sub(r"^vision_tower\.", "vision_tower.vision_model.", name): tensor
+                 for name, tensor in weights.items()}
+    save_file(hub_names, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config_json))
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_json))
+    loaded = type(adapter).load(str(folder))
+    prompt = adapter.build_prompt(TURNS)
+    assert torch.equal(loaded.build_prompt(TURNS).input_ids, prompt.input_ids)
+    images = torch.randn(1, 3, adapter.resolution, adapter.resolution)
+    assert torch.allclose(loaded.target_logits(images, prompt), adapter.target_logits(images, prompt), atol=1e-5)
+
+
+def sizes(config, *names):
+    return {name: getattr(config, name) for name in names}
+
+
+LAYERS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def test_llava_next_loads_from_the_hub_layout(next_tiny, tmp_path):
+    """llava-hf/llama3-llava-next-8b-hf's config.json: image_token_index, rope_theta in text_config."""
+    config = next_tiny.model.config
+    text, vision = config.text_config, config.vision_config
+    hub = {"architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next", "ignore_index": -100,
+           "image_grid_pinpoints": config.image_grid_pinpoints, "image_token_index": config.image_token_id,
+           "projector_hidden_act": "gelu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+           "transformers_version": "4.45.2", "use_image_newline_parameter": True, "vision_feature_layer": -2,
+           "vision_feature_select_strategy": "default", "vocab_size": text.vocab_size, "use_cache": False,
+           "text_config": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16",
+                           "rope_theta": text.rope_parameters["rope_theta"],
+                           **sizes(text, *LAYERS, "num_key_value_heads", "vocab_size", "max_position_embeddings",
+                                   "pad_token_id", "rms_norm_eps")},
+           "vision_config": {"model_type": "clip_vision_model", **sizes(vision, *LAYERS, "image_size", "patch_size",
+                                                                        "projection_dim")}}
+    preprocessor = {"image_processor_type": "LlavaNextImageProcessor", "processor_class": "LlavaNextProcessor",
+                    "image_grid_pinpoints": config.image_grid_pinpoints, "size": {"shortest_edge": 32},
+                    "crop_size": {"height": 32, "width": 32}, "resample": 3, "image_mean": list(next_tiny.image_mean),
+                    "image_std": list(next_tiny.image_std)}
+    loads_from_a_hub_folder(next_tiny, tmp_path, hub, preprocessor)
+
+
+def test_onevision_loads_from_the_hub_layout(onevision_tiny, tmp_path):
+    """llava-hf/llava-onevision-qwen2-7b-ov-hf's config.json."""
+    config = onevision_tiny.model.config
+    text, vision = config.text_config, config.vision_config
+    hub = {"architectures": ["LlavaOnevisionForConditionalGeneration"], "model_type": "llava_onevision",
+           "image_grid_pinpoints": config.image_grid_pinpoints, "image_token_index": config.image_token_id,
+           "video_token_index": config.video_token_id, "projector_hidden_act": "gelu", "tie_word_embeddings": False,
+           "torch_dtype": "float16", "use_image_newline_parameter": True, "vision_aspect_ratio": "anyres_max_9",
+           "vision_feature_layer": -1, "vision_feature_select_strategy": "full",
+           "text_config": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rope_theta": 1000000.0,
+                           "max_window_layers": text.num_hidden_layers, "sliding_window": 131072,
+                           "use_sliding_window": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+                           **sizes(text, *LAYERS, "num_key_value_heads", "vocab_size", "max_position_embeddings",
+                                   "pad_token_id", "eos_token_id", "rms_norm_eps")},
+           "vision_config": {"model_type": "siglip_vision_model", "vision_use_head": False,
+                             **sizes(vision, *LAYERS, "image_size", "patch_size")}}
+    preprocessor = {"image_processor_type": "LlavaOnevisionImageProcessor", "do_pad": True, "resample": 3,
+                    "image_grid_pinpoints": config.image_grid_pinpoints, "size": {"height": 30, "width": 30},
+                    "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "processor_class": "LlavaOnevisionProcessor"}
+    loads_from_a_hub_folder(onevision_tiny, tmp_path, hub, preprocessor)
+
+
+def test_gemma3_loads_from_the_hub_layout(gemma3_tiny, tmp_path):
+    """google/gemma-3-4b-it's config.json: the *_index names, rope_scaling of the global layers."""
+    config = gemma3_tiny.model.config
+    text, vision = config.text_config, config.vision_config
+    hub = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+           "boi_token_index": config.boi_token_id, "eoi_token_index": config.eoi_token_id,
+           "image_token_index": config.image_token_id, "eos_token_id": [text.eos_token_id], "initializer_range": 0.02,
+           "mm_tokens_per_image": config.mm_tokens_per_image, "torch_dtype": "bfloat16",
+           "transformers_version": "4.50.0.dev0",
+           "text_config": {"model_type": "gemma3_text", "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "layer_types": text.layer_types,
+                           **sizes(text, *LAYERS, "num_key_value_heads", "head_dim", "query_pre_attn_scalar",
+                                   "sliding_window", "vocab_size", "max_position_embeddings", "pad_token_id",
+                                   "bos_token_id", "eos_token_id")},
+           "vision_config": {"model_type": "siglip_vision_model", "vision_use_head": False,
+                             **sizes(vision, *LAYERS, "image_size", "patch_size")}}
+    preprocessor = {"image_processor_type": "Gemma3ImageProcessor", "processor_class": "Gemma3Processor",
+                    "do_pan_and_scan": None, "image_seq_length": config.mm_tokens_per_image, "resample": 2,
+                    "size": {"height": 64, "width": 64}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    loads_from_a_hub_folder(gemma3_tiny, tmp_path, hub, preprocessor)
+
+
+def test_paligemma_loads_from_the_hub_layout(paligemma_tiny, tmp_path):
+    """google/paligemma2-3b-pt-224's config.json, with its stale top-level hidden_size."""
+    config = paligemma_tiny.model.config
+    text, vision = config.text_config, config.vision_config
+    hub = {"architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
+           "bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id, "pad_token_id": text.pad_token_id,
+           "hidden_size": 2048, "image_token_index": config.image_token_id, "projection_dim": config.projection_dim,
+           "torch_dtype": "bfloat16", "transformers_version": "4.47.0.dev0",
+           "text_config": {"model_type": "gemma2", "hidden_activation": "gelu_pytorch_tanh",
+                           "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+                           "num_image_tokens": paligemma_tiny.image_token_count(),
+                           **sizes(text, *LAYERS, "num_key_value_heads", "head_dim", "query_pre_attn_scalar",
+                                   "sliding_window", "vocab_size")},
+           "vision_config": {"model_type": "siglip_vision_model", "vision_use_head": False,
+                             "projection_dim": config.projection_dim,
+                             **sizes(vision, *LAYERS, "image_size", "patch_size")}}
+    preprocessor = {"image_processor_type": "SiglipImageProcessor", "processor_class": "PaliGemmaProcessor",
+                    "image_seq_length": paligemma_tiny.image_token_count(), "resample": 3,
+                    "size": {"height": 32, "width": 32}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    loads_from_a_hub_folder(paligemma_tiny, tmp_path, hub, preprocessor)
 
 
 # -- all four -----------------------------------------------------------------------------------

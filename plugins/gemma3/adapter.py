@@ -69,6 +69,8 @@ class Gemma3Adapter(VLMAdapter):
         tokens (the real kernel), a sliding and a global layer."""
         from transformers import Gemma3Config
 
+        rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
         if size == "tiny":
             tokenizer = cls.test_tokenizer()
             token = tokenizer.convert_tokens_to_ids
@@ -78,7 +80,7 @@ class Gemma3Adapter(VLMAdapter):
                 text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
                                  layer_types=["sliding_attention", "full_attention"], vocab_size=len(tokenizer),
-                                 max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                                 max_position_embeddings=512, rope_parameters=rope, pad_token_id=tokenizer.pad_token_id,
                                  bos_token_id=token("<bos>"), eos_token_id=token("<end_of_turn>")),
                 mm_tokens_per_image=4, image_token_id=token("<image_soft_token>"),
                 boi_token_id=token("<start_of_image>"), eoi_token_id=token("<end_of_image>"))
@@ -90,8 +92,6 @@ class Gemma3Adapter(VLMAdapter):
                     dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=262208)),
         }[size]
-        rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
         return Gemma3Config(
             vision_config=dict(**vision, image_size=896, patch_size=14, vision_use_head=False),
             text_config=dict(**text, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,

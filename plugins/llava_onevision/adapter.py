@@ -64,8 +64,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                           image_size=30, patch_size=8)
             text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
-                        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=token("<|im_end|>"))
+                        num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=None, eos_token_id=token("<|im_end|>"))
             image_token_id, video_token_id = token("<image>"), token("<video>")
         else:
             vision, text, image_token_id = {
@@ -77,9 +77,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                              num_key_value_heads=2, vocab_size=8192), 8100),
             }[size]
             vision.update(image_size=384, patch_size=14)
-            text.update(max_position_embeddings=32768, rms_norm_eps=1e-6,
-                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
             video_token_id = image_token_id + 1
+        text.update(max_position_embeddings=32768, rms_norm_eps=1e-6,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
         tile = vision["image_size"]
         pinpoints = [[tile * i, tile * j] for i in range(1, 7) for j in range(1, 7)]
         return LlavaOnevisionConfig(

@@ -253,6 +253,33 @@ def stats(
 
 
 @app.command()
+def ask(
+    images: List[Path] = typer.Option(..., "--images", help="An image or a folder of images; repeat for more."),
+    question: str = typer.Option(..., help="The question asked about every image."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Adapter id (default: the bundled toy model)."),
+    checkpoint: Optional[str] = typer.Option(None, help="Local checkpoint folder or hub id."),
+    top: int = typer.Option(3, min=1, help="How many of the most probable answers to list."),
+    max_new_tokens: int = typer.Option(16, min=1),
+    batch_size: int = typer.Option(8, min=1),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per image, as lines."),
+):
+    """Ask a model a question about images: its greedy answer, and its most probable answers with P."""
+    from .ask import ask as ask_model, image_files
+    from .engine import load_model
+
+    files = image_files(images)  # before the model loads
+    adapter = load_model(model, checkpoint=checkpoint, device=device, dtype=dtype)
+    for row in ask_model(adapter, files, question, top=top, max_new_tokens=max_new_tokens, batch_size=batch_size):
+        if as_json:
+            typer.echo(json.dumps(row))
+        else:
+            ranked = ", ".join(f"{a['answer']!r} {a['p']:.3f}" for a in row["top"])
+            typer.echo(f"{row['image']}: {row['answer']}  (top: {ranked})")
+
+
+@app.command()
 def report(run: Path = typer.Argument(..., help="A run folder.")):
     """(Re)write a run folder's report.html."""
     from .report import write_report

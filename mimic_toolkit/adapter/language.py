@@ -114,12 +114,24 @@ class LanguageModel:
     def generate(self, images: torch.Tensor, prompt: Prompt, max_new_tokens: int) -> torch.Tensor:
         """Greedy answers for a batch of normalised images with one shared prompt: the new
         token ids [B, T] (rows that ended early are padded)."""
+        out = self._generate(images, prompt, max_new_tokens=max_new_tokens, do_sample=False)
+        return out[:, len(prompt.input_ids):]
+
+    def top_answers(self, images: torch.Tensor, prompt: Prompt, k: int,
+                    max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k most probable answers per image (beam search, k beams, no length penalty) and the
+        probability of each, its end token included: ids [B, k, T] and P [B, k]."""
+        out = self._generate(images, prompt, max_new_tokens=max_new_tokens, do_sample=False, num_beams=k,
+                             num_return_sequences=k, length_penalty=0.0, early_stopping=True,
+                             output_scores=True, return_dict_in_generate=True)
+        b = images.shape[0]
+        return out.sequences[:, len(prompt.input_ids):].reshape(b, k, -1), out.sequences_scores.exp().reshape(b, k)
+
+    def _generate(self, images: torch.Tensor, prompt: Prompt, **settings):
         from transformers import GenerationConfig
 
         ends = self.end_token_ids()
         pad = self.tokenizer.pad_token_id
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=ends,
-                                  pad_token_id=ends[0] if pad is None else pad)
-        out = self.model.generate(**self.pixel_inputs(images), **self.text_inputs(prompt, images.shape[0]),
-                                  generation_config=config)
-        return out[:, len(prompt.input_ids):]
+        config = GenerationConfig(eos_token_id=ends, pad_token_id=ends[0] if pad is None else pad, **settings)
+        return self.model.generate(**self.pixel_inputs(images), **self.text_inputs(prompt, images.shape[0]),
+                                   generation_config=config)

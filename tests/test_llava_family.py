@@ -300,6 +300,20 @@ def test_paligemma_refuses_a_system_prompt(paligemma_tiny):
         paligemma_tiny.build_prompt(TURNS, system="Be brief.")
 
 
+@pytest.mark.parametrize("fixture", ["gemma3_tiny", "paligemma_tiny"])
+def test_token_types_hold_in_a_padded_batch_of_prompts(fixture, request):
+    """Prompts of different lengths in one batch (in-context demonstrations) keep each model's own
+    attention: every row gives the logits it gives alone."""
+    tiny = request.getfixturevalue(fixture)
+    prompts = [tiny.build_prompt(TURNS), tiny.build_prompt([("What shape is it?", "a square")])]
+    images = torch.randn(2, 3, tiny.resolution, tiny.resolution)
+    with torch.no_grad():
+        together = tiny.model(**tiny.pixel_inputs(images), **tiny.padded_text_inputs(prompts)).logits
+        for row, prompt in enumerate(prompts):
+            alone = tiny.model(**tiny.pixel_inputs(images[row:row + 1]), **tiny.text_inputs(prompt, 1)).logits
+            assert torch.allclose(together[row, :len(prompt.input_ids)], alone[0], atol=1e-5)
+
+
 # -- all four: the public checkpoints' folders ---------------------------------------------------
 def loads_from_a_hub_folder(adapter, folder, config_json, preprocessor_json):
     """The tiny model saved as the public checkpoint's folder is laid out: its config.json fields

@@ -41,9 +41,13 @@ class Gemma3Adapter(VLMAdapter):
         return f"\n\n<start_of_image>{IMAGE_MARKER}<end_of_image>\n\n{text}" if with_image else text
 
     def text_inputs(self, prompt, batch_size: int) -> dict[str, torch.Tensor]:
-        inputs = super().text_inputs(prompt, batch_size)
-        inputs["token_type_ids"] = (inputs["input_ids"] == self.image_token_id).long()
-        return inputs
+        return self.with_token_types(super().text_inputs(prompt, batch_size))
+
+    def padded_text_inputs(self, prompts) -> dict[str, torch.Tensor]:
+        return self.with_token_types(super().padded_text_inputs(prompts))
+
+    def with_token_types(self, inputs: dict) -> dict[str, torch.Tensor]:
+        return {**inputs, "token_type_ids": (inputs["input_ids"] == self.image_token_id).long()}
 
     @property
     def patch_embedding(self):

@@ -35,9 +35,19 @@ class PaliGemmaAdapter(VLMAdapter):
 
     def text_inputs(self, prompt, batch_size: int) -> dict[str, torch.Tensor]:
         inputs = super().text_inputs(prompt, batch_size)
-        answer = (prompt.labels != IGNORE_INDEX).long().to(self.device)  # the prefix is everything before it
-        inputs["token_type_ids"] = answer.unsqueeze(0).expand(batch_size, -1)
-        return inputs
+        return {**inputs, "token_type_ids": self.token_types([prompt], inputs["input_ids"].shape[1]).expand_as(
+            inputs["input_ids"])}
+
+    def padded_text_inputs(self, prompts) -> dict[str, torch.Tensor]:
+        inputs = super().padded_text_inputs(prompts)
+        return {**inputs, "token_type_ids": self.token_types(prompts, inputs["input_ids"].shape[1])}
+
+    def token_types(self, prompts, length: int) -> torch.Tensor:
+        """0 on each prompt's prefix (everything before its answer), 1 on the answer and padding."""
+        types = torch.ones(len(prompts), length, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            types[row, :len(prompt.input_ids)] = (prompt.labels != IGNORE_INDEX).long()
+        return types.to(self.device)
 
     def unembed(self, hidden: torch.Tensor, apply_final_norm: bool = True) -> torch.Tensor:
         logits, cap = super().unembed(hidden, apply_final_norm), self.model.config.text_config.final_logit_softcapping

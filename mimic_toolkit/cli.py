@@ -204,25 +204,62 @@ def sweep(
 @with_settings("class_index", "prompts", "question", "answer", "iterations", "batch_size", "seed", "device")
 def compare(
     flags: dict,
-    models: str = typer.Option(..., help="Comma-separated adapter ids, e.g. llava-llama3,qwen2-vl,idefics2."),
-    outputs: Path = typer.Option(..., help="The comparison folder (a run folder per model, grid, report)."),
+    run_paths: List[Path] = typer.Argument(None, metavar="[RUN_OR_SWEEP]...", help="With --runs: the run and "
+                                           "sweep folders to compare."),
+    models: Optional[str] = typer.Option(None, help="Comma-separated adapter ids, e.g. toy-shapes,toy-shapes-qwen."),
+    outputs: Path = typer.Option(..., help="The comparison folder (a folder of runs per model, grid, report)."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated class indices of the prompt file, or 'all' "
+                                          "(default: --class-index, else the file's first)."),
+    same_settings: bool = typer.Option(False, "--same-settings", help="The first model's settings for every model "
+                                       "(default: each model's own defaults)."),
+    processes: Optional[int] = typer.Option(None, min=1, help="Models inverted at once, each in a process of its "
+                                            "own on one device (default: one per GPU when several are visible)."),
+    runs: bool = typer.Option(False, "--runs", help="Compare the run or sweep folders given as arguments (made "
+                              "elsewhere, e.g. one sweep per model): no inversion, only the scoring."),
     checkpoint: List[str] = typer.Option([], help="MODEL=PATH, once per model that needs one."),
     stats: List[str] = typer.Option([], help="MODEL=PATH: that model's feature statistics (a file, or a folder "
                                     "of per-class files), once per model; --scale feature=0 runs without."),
 ):
-    """The same concept, seed and settings on several models, and each model's images scored by
-    every model (P(target) and whether its greedy answer names the target)."""
-    from .compare import run_compare
+    """Several concepts, the same seed, several models: a concept x model grid, each model's images
+    scored by every model (P(target) and whether its greedy answer names the target) per concept
+    and averaged, and, where a plugin has a verifier for the concepts (the toy's), its accuracy."""
+    from .compare import compare_runs, default_processes, run_compare
 
-    folder = run_compare(default_registry(), [m.strip() for m in models.split(",") if m.strip()], flags, outputs,
-                         _per_model(checkpoint, "--checkpoint"), _per_model(stats, "--stats"),
-                         say=lambda m: typer.echo(m, err=True))
+    say = lambda m: typer.echo(m, err=True)
+    if runs:
+        given = [name for name, value in (("--models", models), ("--classes", classes), ("--processes", processes),
+                                          ("--checkpoint", checkpoint), ("--stats", stats),
+                                          ("--same-settings", same_settings)) if value] + [
+            f"--{k.replace('_', '-')}" for k in flags if k != "device"]
+        if given or not run_paths:
+            raise UserError(f"--runs scores existing runs: {', '.join(given)} does not apply" if given else
+                            "--runs needs the run or sweep folders to compare")
+        folder = compare_runs(default_registry(), run_paths, outputs, device=flags.get("device"), say=say)
+    else:
+        if run_paths:
+            raise UserError(f"unexpected argument '{run_paths[0]}' (run or sweep folders go with --runs)")
+        if not models:
+            raise UserError("compare needs --models (or --runs and run or sweep folders)")
+        folder = run_compare(default_registry(), [m.strip() for m in models.split(",") if m.strip()], flags, outputs,
+                             _per_model(checkpoint, "--checkpoint"), _per_model(stats, "--stats"),
+                             classes=_classes(classes), same_settings=same_settings,
+                             processes=processes or default_processes(flags.get("device")), say=say)
     typer.echo(f"comparison folder: {folder}\nreport:            {folder / 'report.html'}")
     rows = json.loads((folder / "comparison.json").read_text())["models"]
     failed = [model for model, row in rows.items() if "error" in row or "scoring_error" in row]
     if failed:  # the report is complete, but a script must not take it for a full comparison
         typer.echo(f"failed: {', '.join(failed)} (see the report)", err=True)
         raise typer.Exit(1)
+
+
+def _classes(text: Optional[str]):
+    """--classes: None, "all", or the class indices."""
+    if text is None or text.strip() == "all":
+        return text and "all"
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise UserError(f"--classes takes comma-separated integers or 'all', not '{text}'") from None
 
 
 SITES_HELP = InversionConfig.__dataclass_fields__["feature_sites"].metadata["help"]  # as `mimic invert` says

@@ -130,6 +130,39 @@ def test_llava_next_rows_of_tile_features_end_in_the_newline_after_the_base_view
     assert torch.equal(is_newline, expected)
 
 
+def test_llava_next_statistics_of_a_batch_are_each_images_over_its_crops(next_tiny):
+    from mimic_toolkit.features import FeatureRecorder
+
+    images = next_tiny.preprocess(random_images(2, 64))
+
+    def stats(batch):
+        with torch.no_grad(), FeatureRecorder(next_tiny, batch.shape[0]) as recorder:
+            next_tiny.vision_forward(batch)
+        return recorder.stats
+
+    together, first, second = stats(images), stats(images[:1]), stats(images[1:])
+    for site, (mean, var) in together.items():
+        assert torch.allclose(mean, torch.cat([first[site][0], second[site][0]]), atol=1e-5), site
+        assert torch.allclose(var, torch.cat([first[site][1], second[site][1]]), atol=1e-5), site
+    crops = next_tiny.crops(images[:1]).flatten(0, 1)  # one image's statistics: over all 5 of its crops
+    with torch.no_grad():
+        patches = next_tiny.patch_embedding(crops).flatten(2).transpose(1, 2).reshape(1, -1, 32)
+    assert torch.allclose(first["vision.patch_embedding"][0], patches.mean(1), atol=1e-5)
+
+
+def test_llava_next_a_short_inversion_lowers_the_answer_ce(next_tiny):
+    from mimic_toolkit.config import resolve
+    from mimic_toolkit.inversion import ActiveTerm, Inversion
+    from mimic_toolkit.terms import answer_ce
+
+    config = resolve([dict(iterations=15, batch_size=1, lr=0.1, jitter=0, flip=False, resolution=64, seed=0)])
+    inversion = Inversion(next_tiny, next_tiny.build_prompt(TURNS), config, [ActiveTerm("main", answer_ce, 1.0)])
+    first = inversion.run_step(want_metrics=True)["terms"]["main"]
+    for _ in range(13):
+        inversion.run_step()
+    assert inversion.run_step(want_metrics=True)["terms"]["main"] < 0.7 * first
+
+
 def test_llava_next_takes_the_square_grid_pinpoints(next_tiny):
     adapter = LlavaNextAdapter(next_tiny.model, next_tiny.tokenizer)
     assert adapter.resolution == 64 and adapter.square_sides() == [64]

@@ -447,7 +447,8 @@ def side_effects(adapter, module, side: list[Sample], images: Images, batch_size
             with_module += _correct(shifted, r)
             changed += _predicted(plain, r) != _predicted(shifted, r)
     n = len(side)
-    return {"queries": n, "accuracy_without": without / n, "accuracy_with": with_module / n, "changed": changed / n}
+    return {"queries": n, "questions": sorted({q.question for q in side}), "accuracy_without": without / n,
+            "accuracy_with": with_module / n, "changed": changed / n}
 
 
 def describe(adapter, module, count: int = 5) -> list[dict]:
@@ -562,7 +563,7 @@ def report_html(meta: dict, evaluation: dict | None, shots: dict | None, descrip
                               enumerate(zip(dist["zero_shot"], dist["module"], dist["gap_closed"]))]))
         if "side_effects" in evaluation:
             side = evaluation["side_effects"]
-            parts += [h.heading("Side effects: other questions, zero-shot", 2),
+            parts += [h.heading("Side effects: other questions, zero-shot: " + " / ".join(side["questions"][:3]), 2),
                       h.table(["queries", "accuracy without", "accuracy with module", "answers changed"],
                               [[side["queries"], f"{side['accuracy_without']:.3f}", f"{side['accuracy_with']:.3f}",
                                 f"{side['changed']:.3f}"]])]

@@ -266,3 +266,27 @@ def test_icl_commands(tiny_checkpoint, in_tmp):
     assert result.exit_code == 2 and "error:" in result.output
     result = run("icl", "train", "--dataset", str(dataset), "--method", "lora", "--out", "x", *common)
     assert result.exit_code == 2 and "--method must be mimic or live" in result.output
+
+
+@pytest.mark.slow
+def test_toy_icl_episodes_and_dataset(tmp_path):
+    from mimic_plugins.toy_shapes import shapes
+    from mimic_plugins.toy_shapes.train_icl import episode_prompt, episode_turns, make_icl_batch, write_icl_dataset
+
+    import numpy as np
+
+    from mimic_toolkit.engine import load_model
+    from mimic_toolkit.icl import load_dataset
+
+    adapter = load_model("toy-shapes-icl", device="cpu")
+    rng = np.random.default_rng(0)
+    turns = episode_turns(shapes.class_index("circle", "red"), "shape", 2, rng)
+    assert turns[-1] == ("What is it?", "circle") and all(a in shapes.SHAPES for _, a in turns)
+    prompt = episode_prompt(adapter, turns)
+    assert len(prompt.image_spans) == 1 and prompt.image_spans[0][0] >= prompt.query_start  # text demonstrations
+    batch = make_icl_batch(adapter, (0, 9), 6, shots=0, task="shape")
+    _, labels = shapes.sample((0, 9), 6)
+    answers = [adapter.tokenizer.convert_ids_to_tokens(row[row != -100].tolist())[0] for row in batch["labels"]]
+    assert answers == [shapes.split_class(i)[1] for i in labels.tolist()]  # zero shots: the colour
+    samples = load_dataset(write_icl_dataset(tmp_path / "d", n=4, task="colour") / "icl.jsonl")
+    assert [s.answer for s in samples] == [s.labels["colour"] for s in samples] and samples[0].image.is_file()

@@ -10,6 +10,7 @@ import yaml
 
 from .errors import UserError
 from .sites import SELECTION_HELP
+from .transforms import HELP as TRANSFORMS_HELP, parse as parse_transforms
 
 
 MEMORY_SAVING = ("off", "selective", "layers")
@@ -56,6 +57,9 @@ class InversionConfig:
     # below the image side too (a reflect pad must be smaller than the image): checked with the resolution
     jitter: int = setting(30, "Random shift in pixels (reflect-padded).", OPTIMISATION, valid=(0, None))
     flip: bool = setting(True, "Random horizontal flips.", OPTIMISATION)
+    transforms: str | None = setting(None, f"Augmentations: {TRANSFORMS_HELP}.", OPTIMISATION)
+    views: int = setting(1, "Augmented views of each image per step, losses averaged (an augmentation ensemble).",
+                         OPTIMISATION, valid=(1, None))
     seed: int = setting(0, "Random seed.", OPTIMISATION, valid=(0, 2 ** 63 - 1))  # torch's seeds are 64-bit
     init: str = setting("noise", "noise (standard normal; 0.01 on the spectrum for fourier) | blank", OPTIMISATION)
     parameterisation: str = setting(
@@ -101,6 +105,8 @@ class InversionConfig:
                 raise UserError(f"the scale of '{term}' must be a finite number, not {scale}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise UserError(f"need 0 <= min-lr <= lr and lr > 0 (lr={self.lr}, min-lr={self.min_lr})")
+        if self.transforms:
+            parse_transforms(self.transforms)
         if self.init not in ("noise", "blank"):
             raise UserError(f"init must be 'noise' or 'blank', not '{self.init}'")
         if self.parameterisation not in ("pixel", "fourier"):

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from . import transforms
 from .adapter import Prompt, VLMAdapter
 from .config import InversionConfig
 from .engine import vision_sites
@@ -51,7 +51,8 @@ class Inversion:
         self._undo = ExitStack()
         uses_features = any(t.name == "feature" for t in self.terms)
         self.recorder = self._undo.enter_context(
-            FeatureRecorder(adapter, config.batch_size, vision_sites(adapter, config.feature_sites))) if uses_features else None
+            FeatureRecorder(adapter, config.batch_size * config.views, vision_sites(adapter, config.feature_sites))) \
+            if uses_features else None
         # the "lm" term reads the hidden state at its objective's site
         self.lm_objective = lm_objective if any(t.name == "lm" for t in self.terms) else None
         self.lm_recorder = self._undo.enter_context(LMRecorder(adapter, [lm_objective.site])) if self.lm_objective else None
@@ -60,9 +61,10 @@ class Inversion:
         self.stats = stats.targets(adapter.device) if stats is not None else None
         self.targets = prompt.target_ids.to(adapter.device)
         self.low, self.high = adapter.pixel_box()
-        # One CPU generator drives init, jitter and flips: the same on any device, and
+        # One CPU generator drives init and every augmentation: the same on any device, and
         # offset by rank so that every process of a multi-GPU run makes different images.
         self.generator = torch.Generator().manual_seed(config.seed + rank)
+        self.transforms = transforms.from_settings(config.transforms, config.jitter, config.flip)
         side = config.resolution
         shape = (config.batch_size, 3, side, side)
         if config.parameterisation == "fourier":
@@ -98,16 +100,8 @@ class Inversion:
         return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * step / c.iterations))
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
-        """Random shift of up to `jitter` pixels (reflect-padded, then cropped) and flip."""
-        jitter = self.config.jitter
-        if jitter:
-            dx, dy = torch.randint(0, 2 * jitter + 1, (2,), generator=self.generator).tolist()
-            side = images.shape[-1]
-            padded = F.pad(images, (jitter,) * 4, mode="reflect")
-            images = padded[:, :, dy:dy + side, dx:dx + side].contiguous()  # one layout for every offset
-        if self.config.flip and torch.rand((), generator=self.generator) < 0.5:
-            images = images.flip(-1)
-        return images
+        """The model's input this step: `views` augmented copies of the batch ([views * B, ...])."""
+        return transforms.augment(images, self.transforms, self.config.views, self.generator, (self.low, self.high))
 
     def _objective(self, pixels: torch.Tensor):
         """Model forward and every active term: (weighted loss, unweighted terms, target logits)."""

@@ -23,6 +23,7 @@ from .prompts import IMAGENET_PROMPTS, direct, load_prompts, select
 from .registry import Registry
 from .runfolder import RunFolder, manifest
 from .specs import AdapterSpec
+from .transforms import from_settings, largest_shift
 
 # Settings that may differ when a run is resumed (they do not change the result).
 RESUME_MAY_CHANGE = {"device", "outputs", "compile", "memory_saving",  # where and how, not what
@@ -186,8 +187,7 @@ def _run_folder(config: InversionConfig, spec: AdapterSpec, concept, procs: Proc
 
 def _use_resolution(adapter, config: InversionConfig, spec: AdapterSpec) -> None:
     config.resolution = config.resolution or adapter.resolution
-    if config.jitter >= config.resolution:  # the reflect pad must be smaller than the image
-        raise UserError(f"jitter must be smaller than the image side {config.resolution}, not {config.jitter}")
+    _check_shift(config, config.resolution, None)
     if config.resolution % adapter.patch_size:
         raise UserError(f"resolution {config.resolution} is not a multiple of the patch size "
                         f"{adapter.patch_size} of '{spec.id}'")
@@ -288,9 +288,7 @@ def check_inputs(config: InversionConfig, spec: AdapterSpec, needs_checkpoint: b
 
     concept = checked(concept_of, config, spec)
     stats = checked(_stats_for, config, spec, concept) if concept else None
-    side = config.resolution or spec.resolution
-    if side and config.jitter >= side:  # the reflect pad must be smaller than the image
-        problems.append(f"jitter must be smaller than the image side {side}, not {config.jitter}")
+    _check_shift(config, config.resolution or spec.resolution, problems)
     if config.feature_sites and config.scales.get("feature"):
         checked(_check_sites, config, spec)
     if needs_checkpoint:
@@ -302,6 +300,18 @@ def check_inputs(config: InversionConfig, spec: AdapterSpec, needs_checkpoint: b
     if problems:
         raise UserError("; ".join(problems))
     return concept, stats
+
+
+def _check_shift(config: InversionConfig, side: int | None, problems: list[str] | None) -> None:
+    """The reflect pad of a shift must be smaller than the image: added to `problems`, or raised
+    when there is no list to add to."""
+    shift = largest_shift(from_settings(config.transforms, config.jitter, config.flip))
+    if side and shift >= side:
+        name = "the shift in --transforms" if config.transforms else "jitter"
+        problem = f"{name} must be smaller than the image side {side}, not {shift}"
+        if problems is None:
+            raise UserError(problem)
+        problems.append(problem)
 
 
 def _check_sites(config: InversionConfig, spec: AdapterSpec) -> None:

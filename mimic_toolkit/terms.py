@@ -19,7 +19,7 @@ from .specs import ObjectiveSpec
 class StepContext:
     """What a term may look at in one step.
 
-    pixels: the model's input this step (after jitter/flip), normalised, [B, 3, H, W], fp32.
+    pixels: the model's input this step (after the transforms: views x batch images), normalised, [B, 3, H, W], fp32.
     logits: [B, n_target, vocab] fp32, the logits that predict each target token.
     targets: [n_target] target token ids.
     features: site -> (mean [B, D], var [B, D]) of the vision tower's activations over tokens.

@@ -1,0 +1,59 @@
+"""Augmentations as values (`--transforms`) over the inversion's one seeded generator, and
+augmentation ensembles (`--views`): what each transform does, that the default is the classic
+shift-and-flip exactly, and that a run with an ensemble learns and resumes bit-identically."""
+import copy
+
+import pytest
+import torch
+
+from mimic_toolkit import transforms
+from mimic_toolkit.errors import UserError
+from test_invert import make
+
+BOX = (torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+
+
+def test_the_spec_parses_into_values_in_order_and_a_bad_item_is_one_line():
+    parsed = transforms.parse("crop:0.3-1, shift:4,flip,colour:0.1")
+    assert parsed == (transforms.Crop(0.3, 1.0), transforms.Shift(4), transforms.Flip(), transforms.Colour(0.1))
+    assert transforms.largest_shift(parsed) == 4
+    for bad in ("crop:0.5", "crop:0-1", "shift:-1", "colour:1.5", "rotate:10", "flip:2"):
+        with pytest.raises(UserError, match=f"transform '{bad}' is not one of"):
+            transforms.parse(bad)
+
+
+def test_each_transform_keeps_the_shape_and_draws_only_from_the_generator():
+    images = torch.rand(2, 3, 16, 16)
+    for transform in transforms.parse("crop:0.3-0.6,shift:3,flip,colour:0.2"):
+        a = transform(images, torch.Generator().manual_seed(1), BOX)
+        b = transform(images, torch.Generator().manual_seed(1), BOX)
+        assert a.shape == images.shape and torch.equal(a, b)
+    assert torch.equal(transforms.Colour(0.0)(images, torch.Generator(), BOX), images)
+    full = transforms.Crop(1.0, 1.0)(images, torch.Generator().manual_seed(0), BOX)
+    assert torch.allclose(full, images, atol=1e-6)  # the whole image, resized to itself
+    views = transforms.augment(images, transforms.parse("shift:3"), 4, torch.Generator().manual_seed(0), BOX)
+    assert views.shape == (8, 3, 16, 16) and not torch.equal(views[:2], views[2:4])  # each view draws anew
+
+
+def test_the_default_is_exactly_shift_by_jitter_then_flip(tiny_llava):
+    classic = make(tiny_llava, jitter=3, flip=True)
+    spelled = make(tiny_llava, jitter=0, flip=False, transforms="shift:3,flip")
+    for _ in range(3):
+        classic.run_step()
+        spelled.run_step()
+    assert torch.equal(classic.images, spelled.images)
+
+
+def test_an_ensemble_of_views_learns_and_resumes_bit_identically(tiny_llava):
+    settings = dict(transforms="crop:0.5-1,shift:2,flip,colour:0.1", views=3, lr=0.1)
+    inversion = make(tiny_llava, **settings)
+    first = inversion.run_step(want_metrics=True)["terms"]["main"]
+    for _ in range(10):
+        inversion.run_step()
+    state = copy.deepcopy(inversion.state_dict())
+    last = inversion.run_step(want_metrics=True)["terms"]["main"]
+    assert last < first
+    again = make(tiny_llava, **settings)
+    again.load_state_dict(state)
+    again.run_step()
+    assert torch.equal(again.images, inversion.images)

@@ -170,6 +170,24 @@ def test_llava_next_takes_the_square_grid_pinpoints(next_tiny):
         adapter.use_resolution(32)
 
 
+def test_llava_next_mistral_and_vicuna_checkpoints_get_their_formats_through_the_prompt_hook():
+    from mimic_plugins.llava_next import VARIANT_TEMPLATES
+    from mimic_toolkit.engine import format_prompt
+    from mimic_toolkit.testing import tiny_adapter
+
+    llama3 = format_prompt(tiny_adapter("llava-next"), TURNS).input_ids.tolist()
+    for model_id, template in VARIANT_TEMPLATES.items():
+        adapter = tiny_adapter(model_id)
+        assert type(adapter) is LlavaNextAdapter
+        ids = format_prompt(adapter, TURNS).input_ids.tolist()
+        assert ids == adapter.build_prompt(TURNS, chat_template=template).input_ids.tolist() != llama3
+    mistral = tiny_adapter("llava-next-mistral-7b")
+    text = mistral.tokenizer.apply_chat_template(
+        [{"role": "user", "content": mistral.user_content(QUESTION, with_image=True)}], tokenize=False,
+        add_generation_prompt=True, chat_template=VARIANT_TEMPLATES["llava-next-mistral-7b"])
+    assert text == f"<|begin_of_text|>[INST] {IMAGE_MARKER}\n{QUESTION} [/INST]"
+
+
 def test_llava_next_full_architecture_counts_as_the_checkpoints_processor(next_tiny):
     full = LlavaNextAdapter(ConfigOnly(LlavaNextAdapter.architecture("full")), next_tiny.tokenizer)
     processor = llava_next_processor(full, next_tiny.tokenizer)

@@ -171,7 +171,6 @@ def dense_codes(indices: torch.Tensor, values: torch.Tensor, d_sae: int) -> torc
 
 def default_width(d_in: int, width: float) -> int:
     """--width is a multiple of the input width."""
-    d_sae = int(round(d_in * width))
-    if d_sae < 1 or not math.isfinite(width):
+    if not math.isfinite(width) or round(d_in * width) < 1:
         raise UserError(f"--width must make at least one latent, not {width}")
-    return d_sae
+    return int(round(d_in * width))

@@ -10,6 +10,8 @@ out the patches), so a site's tokens mean the same patches at every site and in 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mimic_plugins.qwen2_vl.adapter import Qwen2VLAdapter
@@ -22,23 +24,25 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
     def __init__(self, model, tokenizer, spec=None):
         super().__init__(model, tokenizer, spec)
-        self._unwindowing = {}  # (batch size, side, device) -> token order; computed once each
+        self._unwindowing = {}  # (batch size, patches per side, device) -> token order; computed once each
 
     def site_tokens(self, site: str, output, batch_size: int) -> torch.Tensor:
         """Packed [B * tokens, D] -> [B, tokens, D] in the processor's order. The windows never
         cross images, so each image's tokens stay in its own stretch of the packed sequence."""
         if site != "vision.patch_embedding":  # the blocks see the tokens window by window
             unit = self.vision_config.spatial_merge_size ** 2
-            output = output.reshape(-1, unit, output.shape[-1])[self.unwindowing(batch_size, output.device)]
+            side = math.isqrt(output.shape[0] // batch_size)  # patches per side of each (square) image
+            output = output.reshape(-1, unit, output.shape[-1])[self.unwindowing(batch_size, side, output.device)]
         return output.reshape(batch_size, -1, output.shape[-1])
 
-    def unwindowing(self, batch_size: int, device) -> torch.Tensor:
-        """The inverse of the tower's window order over merge units, as the tower computes it."""
+    def unwindowing(self, batch_size: int, side: int, device) -> torch.Tensor:
+        """The inverse of the tower's window order over merge units, for `batch_size` images of
+        `side` x `side` patches, as the tower computes it."""
         from transformers.vision_utils import get_vision_window_index
 
-        key = (batch_size, self.side, device)
+        key = (batch_size, side, device)
         if key not in self._unwindowing:
-            cfg, side = self.vision_config, self.side // self.vision_config.patch_size
+            cfg = self.vision_config
             window_index, _ = get_vision_window_index(torch.tensor([[1, side, side]] * batch_size),
                                                       cfg.spatial_merge_size, cfg.window_size, cfg.patch_size)
             self._unwindowing[key] = torch.argsort(window_index).to(device)

@@ -10,6 +10,7 @@ import yaml
 
 from .errors import UserError
 from .sites import SELECTION_HELP
+from .specs import terms_reading
 from .transforms import HELP as TRANSFORMS_HELP, parse as parse_transforms
 
 
@@ -117,8 +118,9 @@ class InversionConfig:
             raise UserError(f"feature-form must be 'l2' or 'kl', not '{self.feature_form}'")
         if self.objective_positions not in ("last-prompt", "image"):
             raise UserError(f"objective-positions must be last-prompt or image, not '{self.objective_positions}'")
-        if self.scales.get("lm") and not self.objective:
-            raise UserError("the lm term needs --objective concept:FILE:K | neuron:lm.I:J | direction:FILE")
+        needing = [t for t in terms_reading(known_terms, "lm_objective") if self.scales.get(t)]
+        if needing and not self.objective:
+            raise UserError(f"the {needing[0]} term needs --objective concept:FILE:K | neuron:lm.I:J | direction:FILE")
         if (self.question is None) != (self.answer is None):
             raise UserError("--question and --answer go together")
         unknown = sorted(set(self.scales) - set(known_terms))

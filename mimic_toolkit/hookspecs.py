@@ -49,7 +49,8 @@ def register_objectives(register):
 
     A term is a function `(ctx: StepContext) -> scalar tensor` (`mimic_toolkit.terms.StepContext`);
     its scale is set with `--scale NAME=VALUE` or `scales: {NAME: VALUE}` in a config file, and
-    it is off while its scale is 0. Example::
+    it is off while its scale is 0. `reads=("vision_statistics",)` (or "answer", "lm_objective")
+    declares what it looks at beyond the pixels, so the engine records that for it. Example::
 
         import torch
         from mimic_toolkit import ObjectiveSpec, hookimpl

@@ -30,6 +30,11 @@ class ActiveTerm:
     name: str
     fn: Callable[[StepContext], torch.Tensor]
     scale: float
+    reads: tuple[str, ...] = ()  # ObjectiveSpec.reads
+
+    @classmethod
+    def of(cls, spec, scale: float) -> "ActiveTerm":
+        return cls(spec.name, spec.term, scale, spec.reads)
 
 
 def build_inversion(registry, adapter: VLMAdapter, prompt: Prompt, config: InversionConfig, stats=None, *,
@@ -37,7 +42,7 @@ def build_inversion(registry, adapter: VLMAdapter, prompt: Prompt, config: Inver
     """The one way to build an `Inversion` from settings: the config's objective terms at their
     scales, as the registry's plugins define them (a term at scale 0 is never computed)."""
     specs = registry.objective_specs()
-    terms = [ActiveTerm(name, specs[name].term, scale) for name, scale in config.scales.items()]
+    terms = [ActiveTerm.of(specs[name], scale) for name, scale in config.scales.items()]
     return Inversion(adapter, prompt, config, terms, stats, rank=rank, lm_objective=lm_objective)
 
 
@@ -49,12 +54,13 @@ class Inversion:
         # Hooks and recomputation are set up once for the whole run (a compiled step must not see
         # them change) and undone by `close`: the adapter is shared by the runs of a sweep.
         self._undo = ExitStack()
-        uses_features = any(t.name == "feature" for t in self.terms)
+        reads = {what for t in self.terms for what in t.reads}  # what the active terms need prepared
+        uses_features = "vision_statistics" in reads
         self.recorder = self._undo.enter_context(
             FeatureRecorder(adapter, config.batch_size * config.views, vision_sites(adapter, config.feature_sites))) \
             if uses_features else None
-        # the "lm" term reads the hidden state at its objective's site
-        self.lm_objective = lm_objective if any(t.name == "lm" for t in self.terms) else None
+        # an objective term reads the hidden state at its objective's site
+        self.lm_objective = lm_objective if "lm_objective" in reads else None
         self.lm_recorder = self._undo.enter_context(LMRecorder(adapter, [lm_objective.site])) if self.lm_objective else None
         self._undo.enter_context(adapter.activation_checkpointing(config.memory_saving))
         self.objective = torch.compile(self._objective, dynamic=False) if config.compile else self._objective

@@ -75,8 +75,7 @@ def _objective(settings: dict, manifest: dict) -> dict:
     return {
         "objective": settings.get("objective") or f"the answer (teacher-forced cross-entropy)",
         "term scales": on + (f" (off: {off})" if off else ""),
-        "feature statistics": (f"{stats['path']} (sha256 {stats['sha256'][:16]}...)" if stats.get("path")
-                               else "none: the feature term is off" if not scales.get("feature") else ""),
+        "feature statistics": f"{stats['path']} (sha256 {stats['sha256'][:16]}...)" if stats.get("path") else "none",
     }
 
 

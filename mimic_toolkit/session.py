@@ -22,7 +22,7 @@ from .lm_objective import parse_objective
 from .prompts import IMAGENET_PROMPTS, direct, load_prompts, select
 from .registry import Registry
 from .runfolder import RunFolder, manifest
-from .specs import AdapterSpec
+from .specs import AdapterSpec, terms_reading
 from .transforms import from_settings, largest_shift
 
 # Settings that may differ when a run is resumed (they do not change the result).
@@ -56,8 +56,10 @@ def build_config(registry: Registry, flags: dict, config_file: str | None = None
     terms = registry.objective_specs()
     term_layer = {"scales": {name: t.default_scale for name, t in terms.items()}}
     model_layer = normalise_keys(spec.defaults, f"defaults of adapter '{spec.id}'")
-    # an LM objective replaces the answer: its term on, the cross-entropy off, unless set
-    objective_layer = {"scales": {"main": 0.0, "lm": 1.0}} if given.get("objective") else {}
+    # an LM objective replaces the answer: the terms that read it on, the answer's off, unless set
+    objective_layer = {"scales": {**{t: 0.0 for t in terms_reading(terms, "answer")},
+                                  **{t: 1.0 for t in terms_reading(terms, "lm_objective")}}} \
+        if given.get("objective") else {}
     config = resolve([term_layer, model_layer, objective_layer, given])
     config.model = spec.id
     config.validate(terms)
@@ -134,7 +136,7 @@ def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | 
     """Run (or resume) one inversion; returns the completed run folder. Pass `adapter` to reuse
     a loaded model (a sweep loads it once for all its classes)."""
     spec = registry.adapter_spec(config.model)
-    concept, stats = check_inputs(config, spec, needs_checkpoint=adapter is None)
+    concept, stats = check_inputs(config, spec, needs_checkpoint=adapter is None, terms=registry.objective_specs())
     procs = Processes(config.device)
     run = _run_folder(config, spec, concept, procs, resume)
     try:
@@ -274,7 +276,7 @@ def _stop_if_nonfinite(inversion, run, step: int) -> None:
                         f"the run stopped and {kept}")
 
 
-def check_inputs(config: InversionConfig, spec: AdapterSpec, needs_checkpoint: bool = True):
+def check_inputs(config: InversionConfig, spec: AdapterSpec, needs_checkpoint: bool = True, terms: dict | None = None):
     """Every input a run reads, checked before any work: (the concept, the feature statistics or
     None). What is missing or wrong is named all at once, in one error line, so a user fixes it in
     one go rather than one input per attempt."""
@@ -286,10 +288,11 @@ def check_inputs(config: InversionConfig, spec: AdapterSpec, needs_checkpoint: b
         except UserError as exc:
             problems.append(str(exc))
 
+    statistics_terms = [t for t in terms_reading(terms or _default_terms(), "vision_statistics") if config.scales.get(t)]
     concept = checked(concept_of, config, spec)
-    stats = checked(_stats_for, config, spec, concept) if concept else None
+    stats = checked(_stats_for, config, spec, concept, statistics_terms) if concept else None
     _check_shift(config, config.resolution or spec.resolution, problems)
-    if config.feature_sites and config.scales.get("feature"):
+    if config.feature_sites and statistics_terms:
         checked(_check_sites, config, spec)
     if needs_checkpoint:
         source = config.checkpoint or spec.checkpoint
@@ -322,19 +325,28 @@ def _check_sites(config: InversionConfig, spec: AdapterSpec) -> None:
         vision_sites(meta_adapter(spec.id, config.checkpoint)[1], config.feature_sites)
 
 
-def _stats_for(config: InversionConfig, spec: AdapterSpec, concept) -> FeatureStats | None:
-    if not config.scales.get("feature"):
+def _default_terms() -> dict:
+    from .registry import default_registry
+
+    return default_registry().objective_specs()
+
+
+def _stats_for(config: InversionConfig, spec: AdapterSpec, concept, statistics_terms: list[str]) -> FeatureStats | None:
+    """The statistics the active terms that read them match (None when no such term is on)."""
+    if not statistics_terms:
         return None
     source = config.stats or spec.stats
     if not source:
-        raise UserError("the feature-statistics term needs --stats FILE (make one with `mimic stats`), "
-                        "or turn the term off with --feature-loss-scale 0")
+        raise UserError(f"the feature-statistics term needs --stats FILE (make one with `mimic stats`), "
+                        f"or turn it off with --scale {statistics_terms[0]}=0")
     if concept.class_index < 0 and Path(source).is_dir():
         # a folder holds statistics per concept, and this answer is none of them: the run is still
-        # meaningful without the term, and its config records the term as off
-        config.scales["feature"] = 0.0
+        # meaningful without those terms, and its config records them as off
+        for term in statistics_terms:
+            config.scales[term] = 0.0
         print(f"note: the answer '{concept.target}' is no concept of the prompt file, so the statistics folder "
-              f"'{source}' has none for it; running without the feature-statistics term", file=sys.stderr)
+              f"'{source}' has none for it; running without the feature-statistics term ({', '.join(statistics_terms)})",
+              file=sys.stderr)
         return None
     return FeatureStats.find(source, spec.id, concept.class_index)
 

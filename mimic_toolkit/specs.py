@@ -63,10 +63,27 @@ class LoadOptions:
 
 @dataclass(frozen=True)
 class ObjectiveSpec:
-    """An objective term: `term(ctx) -> scalar tensor`, weighted by its scale (0 = off)."""
+    """An objective term: `term(ctx) -> scalar tensor`, weighted by its scale (0 = off).
+    `reads` declares what the term looks at beyond the pixels, so the engine prepares exactly that:
+    "answer" (the target's logits), "vision_statistics" (the tower's feature statistics and the
+    --stats targets) and "lm_objective" (the hidden state the --objective direction is read at)."""
 
     name: str
     term: Callable[..., Any]
     default_scale: float = 0.0
     description: str = ""
     plugin: str = ""
+    reads: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        unknown = set(self.reads) - set(TERM_INPUTS)
+        if unknown:
+            raise ValueError(f"objective term '{self.name}' reads {sorted(unknown)}; known: {', '.join(TERM_INPUTS)}")
+
+
+TERM_INPUTS = ("answer", "vision_statistics", "lm_objective")
+
+
+def terms_reading(specs: dict[str, "ObjectiveSpec"], what: str) -> list[str]:
+    """The names of the terms that read `what` (one of TERM_INPUTS)."""
+    return [name for name, spec in specs.items() if what in spec.reads]

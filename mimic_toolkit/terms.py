@@ -107,11 +107,13 @@ def lm_direction(ctx: StepContext) -> torch.Tensor:
 
 # Default scales are the reference's (LLaVA-Llama-3); each adapter may declare its own.
 BUILTIN_TERMS = (
-    ObjectiveSpec("main", answer_ce, 0.005, "cross-entropy of the target answer tokens"),
-    ObjectiveSpec("feature", feature_statistics, 0.04, "vision-tower feature statistics vs. real images"),
+    ObjectiveSpec("main", answer_ce, 0.005, "cross-entropy of the target answer tokens", reads=("answer",)),
+    ObjectiveSpec("feature", feature_statistics, 0.04, "vision-tower feature statistics vs. real images",
+                  reads=("vision_statistics",)),
     ObjectiveSpec("patch", patch_prior, 5e-4, "smoothness across the ViT patch seams"),
     ObjectiveSpec("tv_l1", tv_l1, 7e-4, "total variation, L1"),
     ObjectiveSpec("tv_l2", tv_l2, 4e-4, "total variation, L2"),
     ObjectiveSpec("l2", l2_norm, 3e-4, "image L2 norm"),
-    ObjectiveSpec("lm", lm_direction, 0.0, "a direction inside the LM (--objective; then on, and main off)"),
+    ObjectiveSpec("lm", lm_direction, 0.0, "a direction inside the LM (--objective; then on, and main off)",
+                  reads=("lm_objective",)),
 )

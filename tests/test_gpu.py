@@ -37,7 +37,7 @@ def inversion(adapter, **settings) -> Inversion:
         adapter.vision_forward(adapter.normalise(torch.full((1, 3, side, side), 0.5)))
     stats = FeatureStats({s: m[0].float().cpu() for s, (m, _) in recorder.stats.items()},
                          {s: v[0].float().cpu() for s, (_, v) in recorder.stats.items()}, meta={})
-    terms = [ActiveTerm(t.name, t.term, t.default_scale) for t in BUILTIN_TERMS]
+    terms = [ActiveTerm.of(t, t.default_scale) for t in BUILTIN_TERMS]
     prompt = adapter.build_prompt([("What is in the image?", "a red circle")])
     return Inversion(adapter, prompt, config, terms, stats)
 

@@ -13,14 +13,15 @@ from mimic_toolkit.registry import build_registry
 from mimic_toolkit.session import Interrupted, build_config, run_inversion
 from mimic_toolkit.terms import BUILTIN_TERMS
 
-TERMS = {spec.name: spec.term for spec in BUILTIN_TERMS}
+SPECS = {spec.name: spec for spec in BUILTIN_TERMS}
+TERMS = {name: spec.term for name, spec in SPECS.items()}
 
 
 def make(adapter, steps=30, **settings):
     config = resolve([dict(iterations=steps, batch_size=2, lr=0.1, jitter=2, resolution=32, seed=0), settings])
     prompt = adapter.build_prompt([("What is in the image?", "a red circle")])
     scales = config.scales or {"main": 1.0}
-    return Inversion(adapter, prompt, config, [ActiveTerm(n, TERMS[n], s) for n, s in scales.items()])
+    return Inversion(adapter, prompt, config, [ActiveTerm.of(SPECS[n], s) for n, s in scales.items()])
 
 
 def test_a_short_inversion_lowers_the_answer_ce(tiny_llava):
@@ -162,7 +163,7 @@ def test_feature_hooks_are_removed_when_the_inversion_closes(tiny_llava):
     sites = tiny_llava.feature_sites().values()
     config = resolve([dict(iterations=1, batch_size=2, resolution=32)])
     prompt = tiny_llava.build_prompt([("What is in the image?", "a red circle")])
-    with Inversion(tiny_llava, prompt, config, [ActiveTerm("feature", TERMS["feature"], 1.0)]):
+    with Inversion(tiny_llava, prompt, config, [ActiveTerm.of(SPECS["feature"], 1.0)]):
         assert all(len(m._forward_hooks) == 1 for m in sites)
     assert all(len(m._forward_hooks) == 0 for m in sites)
 

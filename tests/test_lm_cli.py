@@ -79,7 +79,7 @@ def test_inverting_a_neuron_raises_its_activation(tiny_llava):
     config = resolve([dict(iterations=15, batch_size=2, lr=0.1, jitter=0, flip=False, resolution=32)])
     objective = parse_objective("neuron:lm.1:5", tiny_llava, "llava-llama3", prompt)
     assert objective.positions.tolist() == [len(prompt.input_ids) - 2]  # the token before the one-token answer
-    inversion = Inversion(tiny_llava, prompt, config, [ActiveTerm("lm", lm_direction, 1.0)], lm_objective=objective)
+    inversion = Inversion(tiny_llava, prompt, config, [ActiveTerm("lm", lm_direction, 1.0, reads=("lm_objective",))], lm_objective=objective)
     first = inversion.run_step(want_metrics=True)["terms"]["lm"]
     for _ in range(13):
         inversion.run_step()

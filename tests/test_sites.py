@@ -59,7 +59,7 @@ def test_every_selectable_site_gives_per_image_statistics_on_every_layout(adapte
     config = resolve([dict(iterations=1, batch_size=2, resolution=adapter.resolution, jitter=0,
                            feature_sites="vision.layers.*")])
     prompt = adapter.build_prompt([("What is in the image?", "a red circle")])
-    inversion = Inversion(adapter, prompt, config, [ActiveTerm("feature", feature_statistics, 1.0)])
+    inversion = Inversion(adapter, prompt, config, [ActiveTerm("feature", feature_statistics, 1.0, reads=("vision_statistics",))])
     with inversion:
         inversion.adapter.target_logits(torch.randn(2, 3, adapter.resolution, adapter.resolution), prompt)
         stats = inversion.recorder.stats

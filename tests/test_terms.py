@@ -68,3 +68,26 @@ def test_l2_is_norm_over_pixel_count_mean_over_batch():
     x[0, 0, 0, 0] = 3.0
     x[0, 0, 1, 1] = 4.0
     assert terms.l2_norm(ctx(pixels=x)).item() == pytest.approx((5 / 4 + 0) / 2)
+
+
+def test_a_term_declares_what_it_reads_and_the_engine_prepares_exactly_that(tiny_llava):
+    """The engine never asks a term's name: a plugin term that reads the vision statistics gets the
+    tower's feature statistics recorded, one that does not gets none."""
+    from mimic_toolkit.config import resolve
+    from mimic_toolkit.inversion import ActiveTerm, Inversion
+    from mimic_toolkit.specs import ObjectiveSpec
+
+    seen = {}
+
+    def spy(ctx):
+        seen["sites"] = sorted(ctx.features)
+        return ctx.pixels.mean()
+
+    with pytest.raises(ValueError, match="reads \\['logits'\\]"):
+        ObjectiveSpec("bad", spy, reads=("logits",))
+    config = resolve([dict(iterations=2, batch_size=1, jitter=0, flip=False, resolution=32)])
+    prompt = tiny_llava.build_prompt([("What is in the image?", "red")])
+    for reads, recorded in (((), False), (("vision_statistics",), True)):
+        with Inversion(tiny_llava, prompt, config, [ActiveTerm.of(ObjectiveSpec("spy", spy, reads=reads), 1.0)]) as inv:
+            inv.run_step()
+        assert bool(seen["sites"]) == recorded, reads

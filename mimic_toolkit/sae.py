@@ -3,7 +3,7 @@ and sparse codes.
 
     z = act((x / s - b_dec * apply_b_dec) @ W_enc + b_enc)        x_hat = s * (z @ W_dec + b_dec)
 
-`act` is TopK (keep the k largest, ReLU), ReLU, or JumpReLU (z = pre where pre > threshold).
+`act` is TopK (keep the k largest, ReLU), ReLU, or JumpReLU (z = ReLU(pre) where pre > threshold).
 `s` is the input scale: training divides inputs by their mean norm over sqrt(d_in) (so rows have
 norm sqrt(d_in) on average) and stores it; writing folds it into the weights, so a file is an
 ordinary SAE of raw hidden states (SAELens's `normalize_activations: none`).
@@ -67,7 +67,7 @@ class SparseAutoencoder(torch.nn.Module):
             top = pre.topk(self.k, dim=-1)
             return torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
         if self.architecture == "jumprelu":
-            return pre * (pre > self.threshold)
+            return pre.relu() * (pre > self.threshold)  # as SAELens: a negative threshold still keeps z >= 0
         return pre.relu()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ def saelens_folder(folder, architecture="jumprelu", d_in=WIDTH, d_sae=20, seed=1
     weights = {"W_enc": torch.randn(d_in, d_sae, generator=generator), "W_dec": torch.randn(d_sae, d_in, generator=generator),
                "b_enc": torch.randn(d_sae, generator=generator), "b_dec": torch.randn(d_in, generator=generator)}
     if architecture == "jumprelu":
-        weights["threshold"] = torch.rand(d_sae, generator=generator)
+        weights["threshold"] = torch.rand(d_sae, generator=generator) - 0.3  # some below zero
     folder.mkdir()
     save_file(weights, str(folder / "sae_weights.safetensors"))
     (folder / "cfg.json").write_text(json.dumps({"architecture": architecture, "d_in": d_in, "d_sae": d_sae,

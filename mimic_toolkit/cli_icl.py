@@ -3,6 +3,7 @@ Each command is a thin layer over `mimic_toolkit.icl`."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -114,8 +115,10 @@ def eval_command(
     demonstrations: str = DEMONSTRATIONS, split_seed: int = SPLIT_SEED, demonstrations_pool: int = N_DEMOS,
     held_out: int = HELD_OUT, side: Optional[Path] = SIDE,
     baseline: Optional[str] = typer.Option(None, help="mean-difference: the steering-vector baseline against the "
-                                           "--shots teacher (the mean teacher - zero-shot state of --layer)."),
+                                           "--shots teacher (the mean teacher - zero-shot state of --layer at the "
+                                           "position that predicts the answer, added at every position)."),
     layer: int = typer.Option(-1, help="The baseline's layer (negative: from the end)."),
+    alpha: float = typer.Option(1.0, help="The baseline's scale."),
     device: str = DEVICE, dtype: str = DTYPE, allow_outside: bool = ALLOW_OUTSIDE,
 ):
     """Held-out accuracy per shot count, or (--module) a module against the teacher it mimics, or
@@ -138,12 +141,14 @@ def eval_command(
             raise UserError("--baseline takes one teacher shot count of at least 1 (--shots K) and no --module")
         split = icl.split_dataset(samples, split_seed, demonstrations_pool, held_out)
         model_id, source, adapter = _load(model, checkpoint, revision, device, dtype)
-        vector = icl.mean_difference(adapter, split, counts[0], demonstrations, layer)
+        if not math.isfinite(alpha):
+            raise UserError(f"--alpha must be a finite number, not {alpha}")
+        vector = icl.mean_difference(adapter, split, counts[0], demonstrations, layer, alpha=alpha)
         evaluation = icl.compare(adapter, vector, split, counts[0], demonstrations,
                                  side=icl.load_dataset(side, allow_outside) if side else None)
         description = icl.describe(adapter, vector)
         meta = {**_meta_base(model_id, source, adapter, dataset, split, demonstrations), "method": baseline,
-                "shots": counts[0], "layer": vector.layer, "parameters": vector.vector.numel()}
+                "shots": counts[0], "layer": vector.layer, "alpha": alpha, "parameters": vector.vector.numel()}
         icl.write_folder(out, meta=meta, metrics=[{"kind": "evaluation", **evaluation}, {"kind": "module", "rows": description}],
                          report=icl.report_html(meta, evaluation, None, description))
         _echo_evaluation(evaluation)

@@ -252,6 +252,11 @@ class Pass:
         prompt = self.prompts[row]
         return torch.arange(prompt.query_start, len(prompt.input_ids))
 
+    def answer_position(self, row: int) -> int:
+        """The last prompt token: the position that predicts the answer's first token."""
+        prompt = self.prompts[row]
+        return len(prompt.input_ids) - prompt.n_target - 1
+
     def answer_logits(self, row: int) -> torch.Tensor:
         """The logits that predict each answer token, [n_answer, V]."""
         prompt = self.prompts[row]
@@ -477,7 +482,8 @@ def describe(adapter, module, count: int = 5) -> list[dict]:
 
 class MeanDifference:
     """The baseline: a steering vector, the mean over training queries of (teacher - zero-shot)
-    states of `lm.{layer}` on the query's tokens, added at every position (`lm.Steering`)."""
+    states of `lm.{layer}` at the position that predicts the answer (the last prompt token),
+    times `alpha`, added at every position (`lm.Steering`)."""
 
     method = "mean-difference"
 
@@ -492,8 +498,8 @@ class MeanDifference:
 
 
 @torch.no_grad()
-def mean_difference(adapter, split: Split, shots: int, demonstrations: str, layer: int, *, queries: int = 256,
-                    batch_size: int = 16) -> MeanDifference:
+def mean_difference(adapter, split: Split, shots: int, demonstrations: str, layer: int, *, alpha: float = 1.0,
+                    queries: int = 256, batch_size: int = 16) -> MeanDifference:
     layers = len(adapter.language_model.layers)
     if not -layers <= layer < layers:
         raise UserError(f"--layer must be in {-layers} .. {layers - 1} for this model, not {layer}")
@@ -506,10 +512,10 @@ def mean_difference(adapter, split: Split, shots: int, demonstrations: str, laye
                                                     demonstrations) for j, q in enumerate(batch)], [site])
         zero = forward(adapter, images, [episode(adapter, q, [], demonstrations) for q in batch], [site])
         for r in range(len(batch)):
-            total = total + (teacher.hidden[site][r, teacher.query_positions(r)].float()
-                             - zero.hidden[site][r, zero.query_positions(r)].float()).sum(0)
-            count += len(zero.query_positions(r))
-    return MeanDifference(total / count, layer)
+            total = total + (teacher.hidden[site][r, teacher.answer_position(r)].float()
+                             - zero.hidden[site][r, zero.answer_position(r)].float())
+            count += 1
+    return MeanDifference(alpha * total / count, layer)
 
 
 def parameter_count(module) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .parameterisations import HELP as PARAMETERISATION_HELP, parse as parse_parameterisation
 from .sites import SELECTION_HELP
 from .specs import terms_reading
 from .transforms import HELP as TRANSFORMS_HELP, parse as parse_transforms
@@ -63,9 +64,7 @@ class InversionConfig:
                          OPTIMISATION, valid=(1, None))
     seed: int = setting(0, "Random seed.", OPTIMISATION, valid=(0, 2 ** 63 - 1))  # torch's seeds are 64-bit
     init: str = setting("noise", "noise (standard normal; 0.01 on the spectrum for fourier) | blank", OPTIMISATION)
-    parameterisation: str = setting(
-        "pixel", "pixel (optimise the pixels: the paper's) | fourier (a 1/f-scaled spectrum behind a sigmoid: "
-        "smooth, large structures rather than pixel-level noise)", OPTIMISATION)
+    parameterisation: str = setting("pixel", PARAMETERISATION_HELP, OPTIMISATION)
     resolution: int | None = setting(None, "Image side (default: the model's native).", OPTIMISATION, valid=(1, None))
     scales: dict[str, float] = setting(help="Objective term -> scale (0 = off); on the command line --scale "
                                        "NAME=VALUE and --TERM-loss-scale.", flag=False, default_factory=dict)
@@ -110,8 +109,7 @@ class InversionConfig:
             parse_transforms(self.transforms)
         if self.init not in ("noise", "blank"):
             raise UserError(f"init must be 'noise' or 'blank', not '{self.init}'")
-        if self.parameterisation not in ("pixel", "fourier"):
-            raise UserError(f"parameterisation must be 'pixel' or 'fourier', not '{self.parameterisation}'")
+        parse_parameterisation(self.parameterisation)
         if self.memory_saving not in MEMORY_SAVING:
             raise UserError(f"memory-saving must be one of {', '.join(MEMORY_SAVING)}, not '{self.memory_saving}'")
         if self.feature_form not in ("l2", "kl"):

@@ -1,7 +1,7 @@
 """The inversion step: optimise a batch of images so the frozen VLM gives the target answer.
 
-`Inversion` owns the image parameter (the pixels, or with `parameterisation: fourier` a 1/f-scaled
-spectrum behind a sigmoid), its optimiser, the augmentation RNG and the step counter;
+`Inversion` owns the image parameter (`parameterisations.py`: the pixels, a 1/f-scaled spectrum or
+a smaller image, each behind the box), its optimiser, the augmentation RNG and the step counter;
 its `state_dict` is everything a bit-identical resume needs. It knows nothing of files or UIs.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from . import transforms
+from . import parameterisations, transforms
 from .adapter import Prompt, VLMAdapter
 from .config import InversionConfig
 from .engine import vision_sites
@@ -71,34 +71,18 @@ class Inversion:
         # offset by rank so that every process of a multi-GPU run makes different images.
         self.generator = torch.Generator().manual_seed(config.seed + rank)
         self.transforms = transforms.from_settings(config.transforms, config.jitter, config.flip)
+        self.parameterisation = parameterisations.parse(config.parameterisation)
         side = config.resolution
-        shape = (config.batch_size, 3, side, side)
-        if config.parameterisation == "fourier":
-            # The parameter is a spectrum [B, 3, H, W//2+1, 2], scaled by 1/frequency; blank = grey.
-            self.latent = torch.zeros(shape[:3] + (side // 2 + 1, 2))
-            if config.init == "noise":
-                self.latent = 0.01 * torch.randn(self.latent.shape, generator=self.generator)
-            self.latent = self.latent.to(adapter.device).requires_grad_(True)
-            fy, fx = torch.fft.fftfreq(side)[:, None], torch.fft.rfftfreq(side)[None, :]
-            self.spectrum_scale = (1 / (fx ** 2 + fy ** 2).sqrt().clamp_min(1 / side)).to(adapter.device)
-        else:
-            if config.init == "noise":
-                init = torch.randn(shape, generator=self.generator).to(adapter.device)
-            else:
-                init = self.low.expand(shape).clone()  # black
-            self.latent = init.clamp(self.low, self.high).requires_grad_(True)
+        start = self.parameterisation.start((config.batch_size, 3, side, side), config.init, self.generator,
+                                            (self.low, self.high))
+        self.latent = start.requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.latent], lr=config.lr, betas=(0.5, 0.9), eps=1e-8)
         self.step = 0
 
     @property
     def images(self) -> torch.Tensor:
         """The current images, normalised [B, 3, H, W] (for pixel: the optimised tensor itself)."""
-        if self.config.parameterisation == "pixel":
-            return self.latent
-        side = self.config.resolution
-        spectrum = torch.view_as_complex(self.latent) * self.spectrum_scale
-        x = torch.fft.irfft2(spectrum, s=(side, side), norm="ortho") / 4  # lucid's scaling
-        return self.low + (self.high - self.low) * torch.sigmoid(x)
+        return self.parameterisation.images(self.latent, (self.low, self.high), self.config.resolution)
 
     def lr_at(self, step: int) -> float:
         """Cosine decay from lr to min_lr over the run, no warm-up."""
@@ -130,9 +114,7 @@ class Inversion:
         loss.backward()
         metrics = self._metrics(loss, values, logits, lr) if want_metrics else None
         self.optimizer.step()
-        if self.config.parameterisation == "pixel":
-            with torch.no_grad():
-                self.latent.clamp_(self.low, self.high)
+        self.parameterisation.after_step(self.latent, (self.low, self.high))
         self.step += 1
         return metrics
 
@@ -176,7 +158,7 @@ class Inversion:
         """Everything a bit-identical resume needs, as the step and flat tensors (nothing that needs
         pickle): the images (and the latent, when it is not the pixels), Adam's moments, the RNG."""
         tensors = {"images": self.images.detach().cpu(), "generator": self.generator.get_state()}
-        if self.config.parameterisation != "pixel":
+        if not self.parameterisation.latent_is_image:
             tensors["latent"] = self.latent.detach().cpu()
         adam = self.optimizer.state[self.latent]
         for key in ADAM_MOMENTS:
@@ -189,7 +171,7 @@ class Inversion:
         layout = {"images": (tuple(self.images.shape), self.images.dtype),
                   "generator": (tuple(self.generator.get_state().shape), torch.uint8),
                   **{key: latent for key in ADAM_MOMENTS}}
-        if self.config.parameterisation != "pixel":
+        if not self.parameterisation.latent_is_image:
             layout["latent"] = latent
         return layout
 

@@ -1,0 +1,90 @@
+"""What the optimiser moves, as values: the pixels themselves (the paper's), a 1/f-scaled Fourier
+spectrum behind a sigmoid (lucid's: smooth, large structures), or a lower-resolution image
+upsampled (coarse structure only). Each makes its starting latent from the inversion's seeded
+generator and turns the latent into normalised images in the model's pixel box."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+HELP = ("pixel (optimise the pixels: the paper's) | fourier (a 1/f-scaled spectrum behind a sigmoid: smooth, "
+        "large structures rather than pixel-level noise) | lowres:F (an image F times smaller, upsampled "
+        "bilinearly, behind a sigmoid)")
+
+
+@dataclass(frozen=True)
+class Pixel:
+    """The latent is the image; it is clamped into the pixel box after every step."""
+    latent_is_image = True
+
+    def start(self, shape, init: str, generator, box) -> torch.Tensor:
+        low, high = box
+        if init == "noise":
+            return torch.randn(shape, generator=generator).to(low.device).clamp(low, high)
+        return low.expand(shape).clone()  # black
+
+    def images(self, latent, box, side: int) -> torch.Tensor:
+        return latent
+
+    def after_step(self, latent, box) -> None:
+        with torch.no_grad():
+            latent.clamp_(*box)
+
+
+@dataclass(frozen=True)
+class Fourier:
+    """A spectrum [B, 3, H, W//2+1, 2] scaled by 1/frequency, through a sigmoid; blank = mid grey."""
+    latent_is_image = False
+
+    def start(self, shape, init, generator, box):
+        b, c, side, _ = shape
+        latent = torch.zeros(b, c, side, side // 2 + 1, 2)
+        if init == "noise":
+            latent = 0.01 * torch.randn(latent.shape, generator=generator)
+        return latent.to(box[0].device)
+
+    def images(self, latent, box, side):
+        low, high = box
+        fy, fx = torch.fft.fftfreq(side, device=latent.device)[:, None], torch.fft.rfftfreq(side, device=latent.device)
+        scale = 1 / (fx ** 2 + fy ** 2).sqrt().clamp_min(1 / side)
+        x = torch.fft.irfft2(torch.view_as_complex(latent) * scale, s=(side, side), norm="ortho") / 4  # lucid's
+        return low + (high - low) * torch.sigmoid(x)
+
+    def after_step(self, latent, box):
+        pass  # the sigmoid keeps every image in the box
+
+
+@dataclass(frozen=True)
+class LowRes:
+    """An image `factor` times smaller per side, upsampled bilinearly, through a sigmoid."""
+    factor: int
+    latent_is_image = False
+
+    def start(self, shape, init, generator, box):
+        b, c, side, _ = shape
+        small = (b, c, max(1, side // self.factor), max(1, side // self.factor))
+        latent = torch.randn(small, generator=generator) if init == "noise" else torch.zeros(small)
+        return latent.to(box[0].device)
+
+    def images(self, latent, box, side):
+        low, high = box
+        up = F.interpolate(latent, size=(side, side), mode="bilinear", align_corners=False)
+        return low + (high - low) * torch.sigmoid(up)
+
+    def after_step(self, latent, box):
+        pass
+
+
+def parse(spec: str):
+    name, _, arg = spec.partition(":")
+    if name == "pixel" and not arg:
+        return Pixel()
+    if name == "fourier" and not arg:
+        return Fourier()
+    if name == "lowres" and arg.isdigit() and int(arg) >= 1:
+        return LowRes(int(arg))
+    raise UserError(f"parameterisation must be {HELP}; not '{spec}'")

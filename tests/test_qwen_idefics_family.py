@@ -2,6 +2,7 @@
 image path against the real image processors, the prompt against the real processors' image-token
 expansion, per-image statistics of the packed (and windowed) towers, DeepStack, the sides each model
 takes, and each public checkpoint's config.json layout loading into the adapter."""
+import copy
 import json
 from types import SimpleNamespace
 
@@ -257,31 +258,48 @@ def test_qwen3_vl_the_public_config_layout_loads(qwen3, tmp_path):
 
 
 # -- SmolVLM (Idefics3 layout) -------------------------------------------------------------------
-def test_smolvlm_pixels_are_the_processors_with_image_splitting_off(smolvlm):
+def smolvlm_image_processor(side):
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
+    return Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": side},
+                                     max_image_size={"longest_edge": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def test_smolvlm_pixels_are_the_processors_as_its_tower_reads_them(smolvlm):
+    """At SmolVLM-Instruct's 384 px the patches read the top-left 378 px of the processor's image:
+    ours are those pixels; and on the tiny (60 px, 56 read) the model's answer to the processor's
+    whole image is its answer to ours."""
+    from transformers import Idefics3ForConditionalGeneration
+
+    config = copy.deepcopy(smolvlm.model.config)
+    config.vision_config.image_size, config.scale_factor = 384, 3  # the public checkpoint's, at the tiny's width
+    adapter = SmolVLMAdapter(Idefics3ForConditionalGeneration(config), smolvlm.tokenizer)
+    assert adapter.resolution == 378 and adapter.image_token_count() == 81
     images = random_images(2, 384)
-    processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 384},
-                                          max_image_size={"longest_edge": 384}, image_mean=[0.5] * 3,
-                                          image_std=[0.5] * 3)
-    expected = processor(images=[[image] for image in images], return_tensors="pt")
-    ours = smolvlm.pixel_inputs(smolvlm.preprocess(images, 384))
-    assert ours["pixel_values"].shape == expected["pixel_values"].shape == (2, 1, 3, 384, 384)
-    assert torch.allclose(ours["pixel_values"], expected["pixel_values"], atol=1e-5)
-    assert torch.equal(ours["pixel_attention_mask"], expected["pixel_attention_mask"].bool())
+    expected = smolvlm_image_processor(384)(images=[[image] for image in images], return_tensors="pt")
+    ours = adapter.pixel_inputs(adapter.preprocess(images))
+    assert ours["pixel_values"].shape == (2, 1, 3, 378, 378) and expected["pixel_values"].shape[-1] == 384
+    assert torch.allclose(ours["pixel_values"], expected["pixel_values"][..., :378, :378], atol=1e-5)
+
+    images = random_images(2, 60)
+    expected = smolvlm_image_processor(60)(images=[[image] for image in images], return_tensors="pt")
+    prompt = smolvlm.build_prompt(TURNS)
+    text = smolvlm.teacher_forcing_inputs(prompt, 2)
+    with torch.no_grad():
+        theirs = smolvlm.model(pixel_values=expected["pixel_values"],
+                               pixel_attention_mask=expected["pixel_attention_mask"].bool(), **text).logits
+    assert torch.allclose(smolvlm.target_logits(smolvlm.preprocess(images), prompt),
+                          theirs[:, -prompt.n_target - 1:-1].float(), atol=1e-4)
 
 
 def test_smolvlm_prompt_is_the_processors(smolvlm):
     from transformers import Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 56},
-                                                max_image_size={"longest_edge": 56})
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=smolvlm.tokenizer,
+    processor = Idefics3Processor(image_processor=smolvlm_image_processor(60), tokenizer=smolvlm.tokenizer,
                                   image_seq_len=smolvlm.image_token_count())
     # the chat template's rendering of [image, text] content (SmolVLM2's processor expands one image alike)
     text = "<|im_start|>User:<image>What is in the image?<end_of_utterance>\nAssistant:"
-    expected = processor(text=[text], images=[random_images(1, 56)], return_tensors="pt")["input_ids"][0]
+    expected = processor(text=[text], images=[random_images(1, 60)], return_tensors="pt")["input_ids"][0]
     assert smolvlm.build_prompt(TURNS, target=False).input_ids.tolist() == expected.tolist()
     later_turn = smolvlm.tokenizer.apply_chat_template(
         [{"role": "user", "content": smolvlm.user_content("b", with_image=False)}, {"role": "assistant", "content": "c"}],

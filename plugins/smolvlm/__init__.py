@@ -13,10 +13,10 @@ def register_adapters(register):
         id="smolvlm",
         aliases=("smolvlm-instruct", "huggingfacetb/smolvlm-instruct"),
         adapter="mimic_plugins.smolvlm.adapter:SmolVLMAdapter",
-        resolution=384,
+        resolution=378,  # the 27 x 27 patches of 14 px its tower reads of the processor's 384 px
         defaults={"jitter": 34},
         untuned=True,
-        description="SmolVLM-Instruct (Idefics3): SigLIP at 384 px, 3x3 pixel shuffle to 81 image tokens, SmolLM2",
+        description="SmolVLM-Instruct (Idefics3): SigLIP at 384 px (378 read), 3x3 shuffle to 81 image tokens",
         tested_transformers="5.24",
     ))
     register(AdapterSpec(

@@ -5,10 +5,12 @@ layout), which share the Idefics3 layout: a SigLIP tower, whose tokens a pixel s
 
 Idefics2's image input (`[B, n_images, 3, H, W]` with a pixel mask, one image per sample) and
 tower sites, without the perceiver. For inversion, image splitting is off: the model sees only the
-global view, one image of the tower's `image_size` (384 px for SmolVLM-Instruct, where the patch
-conv reads 27 x 27 patches of 14 px and ignores the last 6 px), which is what the processor gives
-it with `do_image_splitting=False` for an image of that size. The tower takes no other size: the
-pixel shuffle and the prompt's `image_seq_len` assume the full grid.
+global view, which the processor (`do_image_splitting=False`) resizes to the tower's `image_size`.
+Its patch conv reads only the whole patches of it: for SmolVLM-Instruct 27 x 27 patches of 14 px,
+the top-left 378 of 384 px, and the model's output never depends on the other 6 px. So the
+inversion optimises those 378 px (a border no gradient reaches would only fill with the priors'
+noise), and real images are resized to 384 px and cropped to them, as the model reads them. The
+tower takes no other size: the pixel shuffle and the prompt's `image_seq_len` assume the full grid.
 """
 from __future__ import annotations
 
@@ -47,11 +49,18 @@ class SmolVLMAdapter(Idefics2Adapter):
 
     def __init__(self, model, tokenizer, spec=None):
         super().__init__(model, tokenizer, spec)
-        self.side = self.max_resolution
+        self.side = self.max_resolution // self.patch_size * self.patch_size  # the pixels the patches cover
 
     def use_resolution(self, side: int) -> None:
-        if side != self.max_resolution:
-            raise UserError(f"SmolVLM takes {self.max_resolution} px (one global view), not {side}")
+        if side != self.side:
+            raise UserError(f"SmolVLM takes {self.side} px (the patches of its {self.max_resolution} px view), "
+                            f"not {side}")
+
+    def preprocess(self, images: list[Image.Image], resolution: int | None = None):
+        """As the processor resizes them (to the tower's `image_size`), cropped to the pixels its
+        patches read."""
+        side = resolution or self.side
+        return super().preprocess(images, self.max_resolution)[..., :side, :side]
 
     def image_token_count(self) -> int:
         vision = self.model.config.vision_config
@@ -76,14 +85,14 @@ class SmolVLMAdapter(Idefics2Adapter):
     @classmethod
     def architecture(cls, size: str):
         """full: the public checkpoint's; mid: the same tower geometry, shuffle and image-token
-        count with narrow, shallow layers; tiny: SigLIP with 14 px patches on 56 px, a 2 x 2
-        shuffle to 4 image tokens, a 2-layer Llama."""
+        count with narrow, shallow layers; tiny: SigLIP with 14 px patches on 60 px (56 read), a
+        2 x 2 shuffle to 4 image tokens, a 2-layer Llama."""
         import transformers
 
         if size == "tiny":
             tokenizer = cls.test_tokenizer()
             vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          image_size=56, patch_size=14)
+                          image_size=60, patch_size=14)  # 4 x 4 patches: like the real tower, 4 px unread
             text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
                         pad_token_id=tokenizer.pad_token_id, initializer_range=0.1)  # wider: the image counts

@@ -219,7 +219,8 @@ def compare(
     checkpoint: List[str] = typer.Option([], help="MODEL=PATH, once per model that needs one."),
     stats: List[str] = typer.Option([], help="MODEL=PATH: that model's feature statistics (a file, or a folder "
                                     "of per-class files), once per model; --scale feature=0 runs without."),
-):
+    as_json: bool = typer.Option(False, "--json", help="End with the comparison's summary (comparison.json) as JSON "
+                                 "on standard output.")):
     """Several concepts, the same seed, several models: a concept x model grid, each model's images
     scored by every model (P(target) and whether its greedy answer names the target) per concept
     and averaged, and, where a plugin has a verifier for the concepts (the toy's), its accuracy."""
@@ -244,8 +245,13 @@ def compare(
                              _per_model(checkpoint, "--checkpoint"), _per_model(stats, "--stats"),
                              classes=_classes(classes), same_settings=same_settings,
                              processes=processes or default_processes(flags.get("device")), say=say)
-    typer.echo(f"comparison folder: {folder}\nreport:            {folder / 'report.html'}")
-    rows = json.loads((folder / "comparison.json").read_text())["models"]
+    summary = json.loads((folder / "comparison.json").read_text())
+    if as_json:
+        typer.echo(json.dumps({"comparison_folder": str(folder), "report": str(folder / "report.html"), **summary},
+                              indent=2))
+    else:
+        typer.echo(f"comparison folder: {folder}\nreport:            {folder / 'report.html'}")
+    rows = summary["models"]
     failed = [model for model, row in rows.items() if "error" in row or "scoring_error" in row]
     if failed:  # the report is complete, but a script must not take it for a full comparison
         typer.echo(f"failed: {', '.join(failed)} (see the report)", err=True)

@@ -152,3 +152,12 @@ def test_an_existing_output_is_refused_before_the_model_loads(in_tmp, monkeypatc
     result = invoke(*command)
     assert result.exit_code == 2 and "'taken' already exists" in result.stderr, result.output
     assert (in_tmp / "taken").read_text() == "kept"
+
+
+def test_compare_ends_with_a_json_summary(tiny_checkpoint, in_tmp):
+    result = invoke("compare", "--models", "toy-shapes,llava-llama3", "--checkpoint", f"llava-llama3={tiny_checkpoint}",
+                    "--scale", "feature=0", "--iterations", "2", "--batch-size", "1", "--outputs", "cmp", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["comparison_folder"] == "cmp" and set(summary["models"]) == {"toy-shapes", "llava-llama3"}
+    assert json.loads((in_tmp / "cmp" / "comparison.json").read_text())["models"] == summary["models"]

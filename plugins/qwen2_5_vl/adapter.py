@@ -31,7 +31,9 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
         cross images, so each image's tokens stay in its own stretch of the packed sequence."""
         if site != "vision.patch_embedding":  # the blocks see the tokens window by window
             unit = self.vision_config.spatial_merge_size ** 2
-            side = math.isqrt(output.shape[0] // batch_size)  # patches per side of each (square) image
+            merged = site == "projector.out"  # the merger's output: one row per merge unit already
+            side = math.isqrt(output.shape[0] // batch_size * (unit if merged else 1))  # patches per side of each image
+            unit = 1 if merged else unit
             output = output.reshape(-1, unit, output.shape[-1])[self.unwindowing(batch_size, side, output.device)]
         return output.reshape(batch_size, -1, output.shape[-1])
 

@@ -27,12 +27,14 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_folder, refuse_existing
-from .hooks import SiteHooks
 from .concepts import ground_words, whole_word_tokens
 from .engine import format_prompt
 from .errors import UserError
+from .features import adapter_revision
+from .hooks import SiteHooks
 from .lm import LMRecorder
 from .lm_capture import FeatureWriter, Features, by_question, open_images, until_end
+from .sae import load_sae
 from .sae_splice import splice_metrics
 from .sae_train import StreamedRows, TrainSettings, evaluate_sae, train_to_folder
 
@@ -91,7 +93,7 @@ def capture_sites(adapter, model_id: str, checkpoint: str, samples, sites: list[
                     writers[site].add({"id": sample.id, "image": str(sample.image), "question": question,
                                        "prompt_length": count, "image_positions": own, "labels": sample.labels,
                                        "positions": list(range(count))}, hidden[b])
-    meta = {"model": model_id, "checkpoint": checkpoint, "revision": "", "selector": "all"}
+    meta = {"model": model_id, "checkpoint": checkpoint, "revision": adapter_revision(adapter), "selector": "all"}
     return {site: Features.load(writers[site].finish({**meta, "site": site, "hidden_size": widths[site]}))
             for site in sites}
 
@@ -211,8 +213,6 @@ def run_layers(adapter, model_id: str, checkpoint: str, train_samples, test_samp
         for site in sites:
             on_progress(f"{site}: training the SAE on {StreamedRows(train[site], 'image').rows} image-token rows")
             sae_folder = train_to_folder(train[site], "image", settings, folder / "saes" / site.replace(".", "-"))
-            from .sae import load_sae
-
             sae, _ = load_sae(sae_folder)
             trained = json.loads((sae_folder / "evaluation.json").read_text())["image"]  # on its training rows
             row = {"site": site, "train": trained, "groups": {}}

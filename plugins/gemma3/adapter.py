@@ -88,19 +88,20 @@ class Gemma3Adapter(VLMAdapter):
                                  bos_token_id=token("<bos>"), eos_token_id=token("<end_of_turn>")),
                 mm_tokens_per_image=4, image_token_id=token("<image_soft_token>"),
                 boi_token_id=token("<start_of_image>"), eoi_token_id=token("<end_of_image>"))
-        vision, text = {
+        vision, text, (image, begin, end) = {
             "full": (dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
                      dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
-                          num_key_value_heads=4, vocab_size=262208)),
+                          num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, vocab_size=262208),
+                     (262144, 255999, 256000)),
             "mid": (dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
                     dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=262208)),
+                         num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, vocab_size=8192),
+                    (8100, 8101, 8102)),
         }[size]
         return Gemma3Config(
             vision_config=dict(**vision, image_size=896, patch_size=14, vision_use_head=False),
-            text_config=dict(**text, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
-                             max_position_embeddings=131072, rope_parameters=rope),
-            mm_tokens_per_image=256, image_token_id=262144, boi_token_id=255999, eoi_token_id=256000)
+            text_config=dict(**text, sliding_window=1024, max_position_embeddings=131072, rope_parameters=rope),
+            mm_tokens_per_image=256, image_token_id=image, boi_token_id=begin, eoi_token_id=end)
 
     def prepare_tiny(self) -> None:
         with torch.no_grad():  # Gemma 3 initialises the image projection to zeros: the image would not count

@@ -43,8 +43,8 @@ class LlavaNextAdapter(LlavaLlama3Adapter):
 
     def use_resolution(self, side: int) -> None:
         if side not in self.square_sides():
-            raise UserError(f"{type(self).__name__[:-7]} takes the square AnyRes grids {self.square_sides()} px, "
-                            f"not {side}")
+            name = self.model_id or type(self).__name__
+            raise UserError(f"{name} takes the square AnyRes grids {self.square_sides()} px, not {side}")
         self.side = side
 
     # -- model inputs -----------------------------------------------------------------------

@@ -114,7 +114,9 @@ def check_language_model(adapter: VLMAdapter, prompt, images: torch.Tensor) -> N
     hidden = recorder.hidden
     assert set(hidden) == set(sites), f"LM sites that never fired: {sorted(set(sites) - set(hidden))}"
     for site, states in hidden.items():
-        assert states.shape == (batch, length, width), f"{site}: shape {tuple(states.shape)}"
+        heads = site.endswith(".heads")  # the o_proj input: heads x head width
+        expected = sites[site].module.in_features if heads else width
+        assert states.shape == (batch, length, expected), f"{site}: shape {tuple(states.shape)}"
     embed_calls = []  # lm.embed is the first layer's input, not a module's output: once per forward too
     handle = sites["lm.embed"].register_forward_hook(lambda site, inputs, states: embed_calls.append(states.shape))
     with torch.no_grad():

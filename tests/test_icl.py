@@ -290,3 +290,23 @@ def test_toy_icl_episodes_and_dataset(tmp_path):
     assert answers == [shapes.split_class(i)[1] for i in labels.tolist()]  # zero shots: the colour
     samples = load_dataset(write_icl_dataset(tmp_path / "d", n=4, task="colour") / "icl.jsonl")
     assert [s.answer for s in samples] == [s.labels["colour"] for s in samples] and samples[0].image.is_file()
+
+
+def test_heads_site_records_the_shift_per_head():
+    from mimic_toolkit.lm import LMRecorder
+
+    adapter = tiny_adapter("llava-llama3")
+    shape = lm_shape(adapter)
+    module = MimicModule(**shape)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        module.v.normal_()
+        with LMRecorder(adapter, ["lm.0.heads"]) as plain:
+            adapter.language_model(input_ids=ids)
+        with LMRecorder(adapter, ["lm.0.heads"]) as shifted, module.applied(adapter):
+            adapter.language_model(input_ids=ids)
+    view = lambda states: states.reshape(1, 4, shape["heads"], shape["head_dim"])
+    delta = view(shifted.hidden["lm.0.heads"]) - view(plain.hidden["lm.0.heads"])
+    # layer 0 (its inputs are unshifted): mu * v_h at every position, along each head's own vector
+    cosine = torch.nn.functional.cosine_similarity(delta, module.v[0][None, None].expand_as(delta), dim=-1)
+    assert delta.abs().amax() > 1e-3 and torch.allclose(cosine, torch.ones_like(cosine), atol=1e-4)

@@ -69,7 +69,8 @@ class LanguageModel:
 
     def lm_sites(self) -> dict[str, torch.nn.Module]:
         """Named language-model sites: `lm.{i}` (residual stream after decoder layer i),
-        `lm.{i}.attn` and `lm.{i}.mlp` (the branch outputs, before the residual add) and
+        `lm.{i}.attn` and `lm.{i}.mlp` (the branch outputs, before the residual add), `lm.{i}.heads`
+        (the attention heads' outputs, the input of `o_proj`) and
         `lm.final_norm`, and `lm.embed`: the first layer's input, the text embeddings with the
         projected image features in place. Adapters whose layers name their branches otherwise
         override this."""
@@ -80,6 +81,8 @@ class LanguageModel:
             sites[f"lm.{i}"] = layer
             sites[f"lm.{i}.attn"] = layer.self_attn
             sites[f"lm.{i}.mlp"] = layer.mlp
+            if hasattr(layer.self_attn, "o_proj"):  # every head's output, [B, T, H * d_head]: view as [B, T, H, d_head]
+                sites[f"lm.{i}.heads"] = ModuleInput(layer.self_attn.o_proj, "input")
         sites["lm.final_norm"] = self.language_model.norm
         return sites
 
@@ -88,7 +91,7 @@ class LanguageModel:
         if name not in sites:
             last = len(self.language_model.layers) - 1
             raise UserError(f"this model has no site '{name}' (sites: lm.embed, lm.0 .. lm.{last}, lm.I.attn, "
-                            "lm.I.mlp, lm.final_norm)")
+                            "lm.I.mlp, lm.I.heads, lm.final_norm)")
         return sites[name]
 
     @property

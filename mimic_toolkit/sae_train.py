@@ -56,7 +56,7 @@ class StreamedRows:
             raise UserError(f"--tokens must be one of {', '.join(GROUPS)}, not '{group}'")
         self.features, self.group = features, group
         shards = features.meta["shards"]
-        self.selected: list[list[int]] = [[] for _ in shards]  # per shard: its rows in the group
+        self.selected: list = [[] for _ in shards]  # per shard: its rows in the group
         self.samples: list[list[tuple[int, list[int]]]] = [[] for _ in shards]  # per shard: (sample, offsets)
         for n, entry in enumerate(features.index):
             shard = entry.get("shard", 0)
@@ -65,6 +65,7 @@ class StreamedRows:
             offsets = group_offsets(features, entry, group)
             self.selected[shard] += [entry["rows"][0] + o for o in offsets]
             self.samples[shard].append((n, offsets))
+        self.selected = [torch.tensor(rows, dtype=torch.long) for rows in self.selected]  # compact: one int64 a row
         self.rows = sum(map(len, self.selected))
         if not self.rows:
             raise UserError(f"features '{features.folder}' have no rows of token group '{group}'")
@@ -79,7 +80,7 @@ class StreamedRows:
         if hidden is None or hidden.ndim != 2 or hidden.shape[1] != self.width:
             raise UserError(f"features shard '{path}' must hold 'hidden' [rows, {self.width}]")
         wanted = self.selected[number]
-        if wanted and wanted[-1] >= len(hidden):
+        if len(wanted) and int(wanted[-1]) >= len(hidden):
             raise UserError(f"features shard '{path}' has {len(hidden)} rows; the index needs {wanted[-1] + 1}")
         return hidden[wanted].float()
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +39,6 @@ from .tensorfile import read_safetensors
 FORMAT = "mimic-icl/1"
 METHODS = ("mimic", "live")
 DEMONSTRATIONS = ("images", "text")
-# Defaults that work on toy-shapes-icl (benchmarks/RESULTS.md): the paper's lr 5e-3 for its few
-# epochs learned nothing there.
-DEFAULTS = {"steps": 200, "batch_size": 16, "lr": 1e-2, "warmup": 0.1, "ce_weight": 0.5}
 
 
 # -- the modules ---------------------------------------------------------------------------------
@@ -242,11 +240,13 @@ class Images:
 
 @dataclass
 class Pass:
-    """One batched forward: logits [B, L, V] and recorded sites, plus each row's positions."""
+    """One batched forward: the logits of the last positions from `offset` on (every row's answer
+    lies there; a full [B, L, V] would not fit for a large vocabulary) and recorded sites."""
 
     logits: torch.Tensor
     hidden: dict[str, torch.Tensor]
     prompts: list
+    offset: int
 
     def query_positions(self, row: int) -> torch.Tensor:
         prompt = self.prompts[row]
@@ -260,7 +260,7 @@ class Pass:
     def answer_logits(self, row: int) -> torch.Tensor:
         """The logits that predict each answer token, [n_answer, V]."""
         prompt = self.prompts[row]
-        end = len(prompt.input_ids)
+        end = len(prompt.input_ids) - self.offset
         return self.logits[row, end - prompt.n_target - 1:end - 1]
 
 
@@ -268,17 +268,11 @@ def forward(adapter, images: Images, episodes: list, sites: list[str], module=No
     prompts = [prompt for prompt, _ in episodes]
     pixels = images([path for _, paths in episodes for path in paths])
     inputs = {**adapter.pixel_inputs(pixels), **adapter.padded_text_inputs(prompts)}
-    with LMRecorder(adapter, sites) as recorder, (module.applied(adapter) if module is not None else _nothing()):
-        logits = adapter.model(**inputs, use_cache=False).logits
-    return Pass(logits, recorder.hidden, prompts)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
+    offset = min(len(p.input_ids) - p.n_target - 1 for p in prompts)
+    keep = inputs["input_ids"].shape[1] - offset
+    with LMRecorder(adapter, sites) as recorder, (module.applied(adapter) if module is not None else nullcontext()):
+        logits = adapter.model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    return Pass(logits, recorder.hidden, prompts, offset)
 
 
 def mlp_sites(adapter) -> list[str]:
@@ -317,7 +311,7 @@ def _schedule(optimizer, steps: int, warmup: float):
 
 def train(adapter, split: Split, method: str, *, shots: int, demonstrations: str, steps: int, batch_size: int,
           lr: float, warmup: float, ce_weight: float, log=print):
-    """Train a module; yields nothing, returns (module, per-step metrics, seconds)."""
+    """Train a module: returns (module, per-step metrics, seconds)."""
     if shots < 1:
         raise UserError("--shots for training must be at least 1 (the teacher reads demonstrations)")
     if shots > len(split.demonstrations):
@@ -325,8 +319,8 @@ def train(adapter, split: Split, method: str, *, shots: int, demonstrations: str
     for name, value in (("--steps", steps), ("--batch-size", batch_size)):
         if value < 1:
             raise UserError(f"{name} must be at least 1")
-    if not (lr > 0 and math.isfinite(lr)) or ce_weight < 0:
-        raise UserError("--lr must be positive and --ce-weight at least 0")
+    if not (lr > 0 and math.isfinite(lr)) or not ce_weight >= 0 or not 0 <= warmup <= 1:
+        raise UserError("--lr must be positive, --ce-weight at least 0 and --warmup between 0 and 1")
     module = new_module(method, adapter)
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
     scheduler = _schedule(optimizer, steps, warmup)

@@ -159,7 +159,6 @@ class ExactShift:
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], start: int):
         self.keys, self.values, self.start = keys, values, start
-        self.seen = 0
 
     def head_shift(self, layer, query, key, value, output, attention_mask, scale):
         t, s = query.shape[2], key.shape[2]

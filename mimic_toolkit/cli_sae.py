@@ -128,7 +128,9 @@ def import_sae(
 def layers(
     model: Optional[str] = MODEL, checkpoint: Optional[str] = CHECKPOINT,
     dataset: Path = typer.Option(..., help="Training images: JSON lines of {image, question?, id?, labels}."),
-    test_dataset: Path = typer.Option(..., help="Held-out images, the same way."),
+    test_dataset: Optional[Path] = typer.Option(None, help="Held-out images, the same way (default: the last "
+                                                        "--test-fraction of --dataset)."),
+    test_fraction: float = typer.Option(0.25, help="Without --test-dataset: the share of --dataset held out."),
     sites: str = typer.Option("lm.embed,lm.0", help="LM sites, comma-separated, in depth order."),
     groups: str = typer.Option("image,prompt,text-only", help="Token groups the SAEs are measured on."),
     arch: str = typer.Option("topk", "--arch"), k: int = typer.Option(16, "--k", min=1),
@@ -148,7 +150,14 @@ def layers(
     from .sae_train import TrainSettings
 
     train_samples = load_samples(None, dataset, None, allow_outside)
-    test_samples = load_samples(None, test_dataset, None, allow_outside)
+    if test_dataset is not None:
+        test_samples = load_samples(None, test_dataset, None, allow_outside)
+    else:  # the last share held out: a dataset file in a fixed order splits the same way every time
+        held_out = round(len(train_samples) * test_fraction) if 0 < test_fraction < 1 else 0
+        if not 1 <= held_out < len(train_samples):
+            raise UserError(f"--test-fraction {test_fraction} of {len(train_samples)} samples leaves no training or "
+                            "no held-out sample; give --test-dataset")
+        train_samples, test_samples = train_samples[:-held_out], train_samples[-held_out:]
     model_id, source, adapter = _load(model, checkpoint, None, device, dtype)
     settings = TrainSettings(architecture=arch, d_sae=default_width(adapter.hidden_size, width), k=k, steps=steps,
                              batch_size=batch_size, lr=lr, seed=seed, log_every=max(1, steps // 20))

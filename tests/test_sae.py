@@ -276,7 +276,9 @@ def test_train_eval_import_and_cards_through_the_cli(tiny_checkpoint, in_tmp):
                            (("sae", "train", "--features", "f", "--out", "sae"), "already exists"),
                            (("sae", "eval", "--sae", "imported", "--features", "f", "--tokens", "pixels"), "--tokens must be"),
                            (("sae", "train", "--features", "f", "--tokens", "image", "--arch", "gated", "--out", "g"),
-                            "--arch must be")]:
+                            "--arch must be"),
+                           (("sae", "layers", "--dataset", "data.jsonl", "--test-fraction", "0", "--out", "s"),
+                            "leaves no training or no held-out sample")]:
         result = run(*args)
         assert result.exit_code == 2 and fragment in result.output, (args, result.output)
 

@@ -1,6 +1,6 @@
 """The adapter for Gemma 3 (`Gemma3ForConditionalGeneration`, google/gemma-3-4b-it): SigLIP at
 896 px, its 64 x 64 patches average-pooled to 256 soft tokens, which Gemma3Processor wraps as
-"\n\n<start_of_image>[256 soft tokens]<end_of_image>\n\n". Pan-and-scan (extra crops of wide
+"\\n\\n<start_of_image>[256 soft tokens]<end_of_image>\\n\\n". Pan-and-scan (extra crops of wide
 images) is off, as in the processor's default: one square image, resized to 896 px and no more.
 The soft tokens attend to each other both ways: `token_type_ids` marks them, as the processor does."""
 from __future__ import annotations

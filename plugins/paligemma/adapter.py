@@ -35,8 +35,8 @@ class PaliGemmaAdapter(VLMAdapter):
 
     def text_inputs(self, prompt, batch_size: int) -> dict[str, torch.Tensor]:
         inputs = super().text_inputs(prompt, batch_size)
-        return {**inputs, "token_type_ids": self.token_types([prompt], inputs["input_ids"].shape[1]).expand_as(
-            inputs["input_ids"])}
+        types = self.token_types([prompt], inputs["input_ids"].shape[1])
+        return {**inputs, "token_type_ids": types.expand(batch_size, -1)}
 
     def padded_text_inputs(self, prompts) -> dict[str, torch.Tensor]:
         inputs = super().padded_text_inputs(prompts)

@@ -140,7 +140,13 @@ def test_log_normaliser_is_fp32_under_bf16():
     torch.testing.assert_close(got.double(), scores.logsumexp(-1), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("model_id", ["llava-llama3", "qwen2-vl", "idefics2"])
+def _adapter_ids():
+    from mimic_toolkit.registry import default_registry
+
+    return [i for i in default_registry().adapter_specs() if not i.startswith("toy")]  # the toys: llava-llama3's
+
+
+@pytest.mark.parametrize("model_id", _adapter_ids())
 def test_real_adapters_use_the_attention_interface(model_id):
     adapter = tiny_adapter(model_id)
     check_attention_interface(adapter, model_id)
@@ -310,3 +316,22 @@ def test_heads_site_records_the_shift_per_head():
     # layer 0 (its inputs are unshifted): mu * v_h at every position, along each head's own vector
     cosine = torch.nn.functional.cosine_similarity(delta, module.v[0][None, None].expand_as(delta), dim=-1)
     assert delta.abs().amax() > 1e-3 and torch.allclose(cosine, torch.ones_like(cosine), atol=1e-4)
+
+
+def test_bad_input_is_one_line(tmp_path):
+    from mimic_toolkit.icl import load_dataset, read_meta, split_dataset
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": "a", "image": "a.png", "question": "What is it?"}) + "\n")
+    with pytest.raises(UserError, match="entry 'a' has no \"answer\""):
+        load_dataset(tmp_path / "d.jsonl")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": "a", "image": "a.png", "answer": "red"}) + "\n")
+    with pytest.raises(UserError, match="too few for 1 demonstrations, 1 held-out"):
+        split_dataset(load_dataset(tmp_path / "d.jsonl"), 0, 1, 1)
+    with pytest.raises(UserError, match="not an icl module folder"):
+        read_meta(tmp_path)
+    model, lm = tiny_lm("llama", "sdpa")
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(UserError, match="uses 'flex_attention'"):
+        with ShiftedAttention(lm, MimicModule(2, 4, 8, 32)):
+            pass

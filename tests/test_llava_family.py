@@ -494,3 +494,22 @@ def test_a_saved_tiny_checkpoint_loads_back(fixture, request, tmp_path):
     assert torch.equal(loaded.build_prompt(TURNS).input_ids, prompt.input_ids)
     images = torch.randn(1, 3, tiny.resolution, tiny.resolution)
     assert torch.allclose(loaded.target_logits(images, prompt), tiny.target_logits(images, prompt), atol=1e-5)
+
+
+def test_the_four_are_registered_with_untuned_defaults_scaled_by_their_side():
+    from mimic_toolkit.registry import build_registry
+
+    specs = build_registry().adapter_specs()
+    for model_id, side, jitter in (("llava-next", 672, 60), ("llava-next-mistral-7b", 672, 60),
+                                   ("llava-next-vicuna-7b", 672, 60), ("llava-onevision", 768, 69),
+                                   ("gemma3", 896, 80), ("paligemma", 224, 20)):
+        spec = specs[model_id]
+        assert spec.untuned and spec.tested_transformers == "5.24" and spec.resolution == side
+        assert spec.defaults["jitter"] == jitter == round(30 * side / 336)
+    assert specs["llava-onevision"].defaults["scales"] == {"patch": 0.0}
+
+
+def test_token_grids(next_tiny, gemma3_tiny, paligemma_tiny):
+    assert gemma3_tiny.image_token_grid() == (2, 2, 0)  # 8 x 8 patches pooled 4 x 4
+    assert paligemma_tiny.image_token_grid() == (4, 4, 0)  # one token per patch
+    assert next_tiny.image_token_grid() is None  # the base view, then the tiles' rows with their newlines

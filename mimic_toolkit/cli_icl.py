@@ -33,9 +33,10 @@ def _load(model: Optional[str], checkpoint: Optional[str], revision: Optional[st
 
 
 def _meta_base(model_id: str, source: str, adapter, dataset: Path, split, demonstrations: str) -> dict:
+    from .features import adapter_revision
     from .icl import FORMAT, dataset_hash, lm_shape, versions
 
-    return {"format": FORMAT, "model": model_id, "checkpoint": source, "revision": getattr(adapter, "revision", None),
+    return {"format": FORMAT, "model": model_id, "checkpoint": source, "revision": adapter_revision(adapter),
             "shape": lm_shape(adapter), "dataset": str(dataset), "dataset_hash": dataset_hash(dataset),
             "demonstrations": demonstrations,
             "split": {"seed": split.seed, "sizes": split.sizes(), "ids": split.ids()}, "versions": versions()}
@@ -169,7 +170,7 @@ def eval_command(
         raise UserError("with --module, --shots is 0: the module is evaluated zero-shot against its teacher")
     trained = icl.read_meta(module)
     model_id, source, adapter = _load(model or trained["model"], checkpoint or trained["checkpoint"],
-                                      revision or trained.get("revision"), device, dtype)
+                                      revision or trained.get("revision") or None, device, dtype)
     loaded, trained = icl.load_module(module, adapter, model_id)
     split = icl.split_from_meta(samples, trained)
     side_samples = icl.load_dataset(side, allow_outside) if side else None
@@ -203,7 +204,7 @@ def apply_command(
     refuse_existing(out, "--out")
     trained = icl.read_meta(module)
     samples = load_samples(images=images, question=question)
-    model_id, _, adapter = _load(model or trained["model"], checkpoint or trained["checkpoint"], trained.get("revision"),
+    model_id, _, adapter = _load(model or trained["model"], checkpoint or trained["checkpoint"], trained.get("revision") or None,
                                  device, dtype)
     loaded, _ = icl.load_module(module, adapter, model_id)
     prompt = format_prompt(adapter, [(question, "")], target=False)

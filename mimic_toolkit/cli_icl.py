@@ -76,6 +76,7 @@ def train_command(
     samples = icl.load_dataset(dataset, allow_outside)
     split = icl.split_dataset(samples, split_seed, demonstrations_pool, held_out)
     side_samples = icl.load_dataset(side, allow_outside) if side else None
+    icl.check_recipe(split, shots=shots, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ce_weight=ce_weight)
     model_id, source, adapter = _load(model, checkpoint, revision, device, dtype)
     torch.manual_seed(seed)
     module, history, seconds = icl.train(adapter, split, method, shots=shots, demonstrations=demonstrations,

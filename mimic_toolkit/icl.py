@@ -189,7 +189,7 @@ def dataset_hash(path: Path) -> str:
 
 def split_dataset(samples: list[Sample], seed: int, demonstrations: int, held_out: int) -> Split:
     if demonstrations < 1 or held_out < 1:
-        raise UserError("--demonstrations and --held-out must be at least 1")
+        raise UserError("--demonstrations-pool and --held-out must be at least 1")
     if demonstrations + held_out >= len(samples):
         raise UserError(f"the dataset has {len(samples)} entries: too few for {demonstrations} demonstrations, "
                         f"{held_out} held-out queries and at least one training query")
@@ -309,9 +309,9 @@ def _schedule(optimizer, steps: int, warmup: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train(adapter, split: Split, method: str, *, shots: int, demonstrations: str, steps: int, batch_size: int,
-          lr: float, warmup: float, ce_weight: float, log=print):
-    """Train a module: returns (module, per-step metrics, seconds)."""
+def check_recipe(split: Split, *, shots: int, steps: int, batch_size: int, lr: float, warmup: float,
+                 ce_weight: float) -> None:
+    """Bad settings are one line, before the model loads."""
     if shots < 1:
         raise UserError("--shots for training must be at least 1 (the teacher reads demonstrations)")
     if shots > len(split.demonstrations):
@@ -321,6 +321,12 @@ def train(adapter, split: Split, method: str, *, shots: int, demonstrations: str
             raise UserError(f"{name} must be at least 1")
     if not (lr > 0 and math.isfinite(lr)) or not ce_weight >= 0 or not 0 <= warmup <= 1:
         raise UserError("--lr must be positive, --ce-weight at least 0 and --warmup between 0 and 1")
+
+
+def train(adapter, split: Split, method: str, *, shots: int, demonstrations: str, steps: int, batch_size: int,
+          lr: float, warmup: float, ce_weight: float, log=print):
+    """Train a module: returns (module, per-step metrics, seconds)."""
+    check_recipe(split, shots=shots, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ce_weight=ce_weight)
     module = new_module(method, adapter)
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
     scheduler = _schedule(optimizer, steps, warmup)

@@ -272,6 +272,8 @@ def test_icl_commands(tiny_checkpoint, in_tmp):
     assert result.exit_code == 2 and "error:" in result.output
     result = run("icl", "train", "--dataset", str(dataset), "--method", "lora", "--out", "x", *common)
     assert result.exit_code == 2 and "--method must be mimic or live" in result.output
+    result = run("icl", "train", "--dataset", str(dataset), "--steps", "0", "--out", "x", *split, "--model", "no-such-model")
+    assert result.exit_code == 2 and "--steps must be at least 1" in result.output  # before any model loads
 
 
 @pytest.mark.slow

@@ -528,3 +528,21 @@ def test_token_grids(next_tiny, gemma3_tiny, paligemma_tiny):
     assert gemma3_tiny.image_token_grid() == (2, 2, 0)  # 8 x 8 patches pooled 4 x 4
     assert paligemma_tiny.image_token_grid() == (4, 4, 0)  # one token per patch
     assert next_tiny.image_token_grid() is None  # the base view, then the tiles' rows with their newlines
+
+
+@pytest.mark.parametrize("fixture", ["next_tiny", "onevision_tiny", "gemma3_tiny", "paligemma_tiny"])
+def test_recomputation_leaves_the_gradient_unchanged(fixture, request):
+    tiny = request.getfixturevalue(fixture)
+    prompt = tiny.build_prompt(TURNS)
+    images = torch.randn(2, 3, tiny.resolution, tiny.resolution)
+
+    def gradient(level):
+        pixels = images.clone().requires_grad_(True)
+        with tiny.activation_checkpointing(level):
+            tiny.target_logits(pixels, prompt).logsumexp(-1).mean().backward()
+        return pixels.grad
+
+    plain = gradient("off")
+    assert plain.abs().sum() > 0
+    for level in ("selective", "layers"):
+        assert torch.allclose(gradient(level), plain, atol=1e-6), level

@@ -160,9 +160,9 @@ def mimic_format_prompt(adapter, turns, target, image_turns):
                   "{{ message['content'] }} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
         @hookimpl
-        def mimic_format_prompt(adapter, turns, target):
+        def mimic_format_prompt(adapter, turns, target, image_turns):
             if adapter.model_id == "llava-1.5-7b":
-                return adapter.build_prompt(turns, target, chat_template=VICUNA)
+                return adapter.build_prompt(turns, target, chat_template=VICUNA, image_turns=image_turns)
     """
 
 

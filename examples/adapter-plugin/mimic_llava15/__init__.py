@@ -29,6 +29,6 @@ def register_adapters(register):
 
 
 @hookimpl
-def mimic_format_prompt(adapter, turns, target):
+def mimic_format_prompt(adapter, turns, target, image_turns):
     if adapter.model_id == MODEL_ID:  # every other model keeps its own format
-        return adapter.build_prompt(turns, target, chat_template=VICUNA_TEMPLATE)
+        return adapter.build_prompt(turns, target, chat_template=VICUNA_TEMPLATE, image_turns=image_turns)

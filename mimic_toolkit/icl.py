@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,16 +227,23 @@ def episode(adapter, query: Sample, demos: list[Sample], demonstrations: str):
 
 
 class Images:
-    """Preprocessed pixels per image file, kept: the same demonstrations recur in every batch."""
+    """Preprocessed pixels per image file, the most recent `keep` kept: the same demonstrations
+    recur in every batch (a bound, as large models take large images)."""
 
-    def __init__(self, adapter):
-        self.adapter, self.cache = adapter, {}
+    def __init__(self, adapter, keep: int = 128):
+        self.adapter, self.keep, self.cache = adapter, keep, OrderedDict()
 
     def __call__(self, paths: list[Path]) -> torch.Tensor:
+        pixels = []
         for path in paths:
-            if path not in self.cache:
+            if path in self.cache:
+                self.cache.move_to_end(path)
+            else:
                 self.cache[path] = self.adapter.preprocess([open_rgb(path)])[0]
-        return torch.stack([self.cache[p] for p in paths]).to(self.adapter.device)
+                if len(self.cache) > self.keep:
+                    self.cache.popitem(last=False)
+            pixels.append(self.cache[path])
+        return torch.stack(pixels).to(self.adapter.device)
 
 
 @dataclass

@@ -9,13 +9,18 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .parameterisations import HELP as PARAMETERISATION_HELP, parse as parse_parameterisation
 from .sites import SELECTION_HELP
 from .specs import terms_reading
-from .transforms import HELP as TRANSFORMS_HELP, parse as parse_transforms
 
 
 MEMORY_SAVING = ("off", "selective", "layers")
+# what `transforms.py` and `parameterisations.py` parse (kept here: reading settings must not import torch)
+TRANSFORMS_HELP = ("comma list of crop:A-B (random resized crop of area A..B of the image), shift:J (up to J px, "
+                   "reflect-padded), flip (horizontal, half the time), colour:S (per-channel gain and offset of up "
+                   "to S); default: shift by --jitter and flip by --flip")
+PARAMETERISATION_HELP = ("pixel (optimise the pixels: the paper's) | fourier (a 1/f-scaled spectrum behind a sigmoid: "
+                         "smooth, large structures rather than pixel-level noise) | lowres:F (an image F times "
+                         "smaller, upsampled bilinearly, behind a sigmoid)")
 
 # the panels of `mimic invert --help`, in their order there
 PANELS = WHAT, OPTIMISATION, OBJECTIVE, RUN = "What to invert", "Optimisation", "Objective", "Execution and outputs"
@@ -105,11 +110,13 @@ class InversionConfig:
                 raise UserError(f"the scale of '{term}' must be a finite number, not {scale}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise UserError(f"need 0 <= min-lr <= lr and lr > 0 (lr={self.lr}, min-lr={self.min_lr})")
+        from . import parameterisations, transforms
+
         if self.transforms:
-            parse_transforms(self.transforms)
+            transforms.parse(self.transforms)
         if self.init not in ("noise", "blank"):
             raise UserError(f"init must be 'noise' or 'blank', not '{self.init}'")
-        parse_parameterisation(self.parameterisation)
+        parameterisations.parse(self.parameterisation)
         if self.memory_saving not in MEMORY_SAVING:
             raise UserError(f"memory-saving must be one of {', '.join(MEMORY_SAVING)}, not '{self.memory_saving}'")
         if self.feature_form not in ("l2", "kl"):

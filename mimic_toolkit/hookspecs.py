@@ -174,8 +174,18 @@ def mimic_verify_images(images, concept):
     :param torch.Tensor images: [B, 3, H, W] in [0, 1], the images of one run (e.g. inverted ones).
     :param Concept concept: `class_index`, `class_name`, `chat_sequence` (`mimic_toolkit.prompts`).
     :return: {score name: fraction of the images the judge finds right}, e.g. {"shape": 0.75}.
-        `mimic compare` reports each model's mean per score, over the concepts that have a verifier.
+        `mimic compare` reports each model's mean per score, over the concepts that have a verifier,
+        and every run's report shows its verdict on the final images.
 
-    Example: the bundled toy's shape-and-colour CNN (`mimic_plugins/toy_shapes/plugin.py`) answers
-    for the 24 concepts of its prompt file, recognised by their names.
+    The bundled toy's shape-and-colour CNN (`mimic_plugins/toy_shapes/plugin.py`) answers for the
+    24 concepts of its prompt file, recognised by their names. Example (a judge of redness)::
+
+        from mimic_toolkit import hookimpl
+
+        @hookimpl
+        def mimic_verify_images(images, concept):
+            if concept.class_name != "red":
+                return None                     # other concepts: another plugin's, or nobody's
+            red = images[:, 0] > images[:, 1:].max(1).values + 0.2
+            return {"red pixels > half": float((red.float().mean((1, 2)) > 0.5).float().mean())}
     """

@@ -9,11 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config import PARAMETERISATION_HELP as HELP
 from .errors import UserError
 
-HELP = ("pixel (optimise the pixels: the paper's) | fourier (a 1/f-scaled spectrum behind a sigmoid: smooth, "
-        "large structures rather than pixel-level noise) | lowres:F (an image F times smaller, upsampled "
-        "bilinearly, behind a sigmoid)")
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config import TRANSFORMS_HELP as HELP
 from .errors import UserError
 
-HELP = ("comma list of crop:A-B (random resized crop of area A..B of the image), shift:J (up to J px, "
-        "reflect-padded), flip (horizontal, half the time), colour:S (per-channel gain and offset of up to S); "
-        "default: shift by --jitter and flip by --flip")
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ def _objective(settings: dict, manifest: dict) -> dict:
     on = ", ".join(f"{name} {scale:g}" for name, scale in scales.items() if scale)
     off = ", ".join(name for name, scale in scales.items() if not scale)
     return {
-        "objective": settings.get("objective") or f"the answer (teacher-forced cross-entropy)",
+        "objective": settings.get("objective") or "the answer (teacher-forced cross-entropy)",
         "term scales": on + (f" (off: {off})" if off else ""),
         "feature statistics": f"{stats['path']} (sha256 {stats['sha256'][:16]}...)" if stats.get("path") else "none",
     }

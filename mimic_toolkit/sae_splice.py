@@ -120,7 +120,7 @@ def splice_metrics(adapter, sae, site: str, samples, group: str, *, max_new_toke
               "ce": ce, "kl": {"sae": kl["sae"], "zero": kl["zero"]},
               "unchanged": {name: sum(greedy[name][s.id] == answers[s.id] for s in samples) / len(samples)
                             for name in ("sae", "zero")}}
-    truth = [s.labels.get("answer") for s in samples]
+    truth = [s.answer or s.labels.get("answer") for s in samples]  # the dataset's answer, or a label of it
     if all(isinstance(t, str) for t in truth):
         result["accuracy"] = {name: sum(adapter.tokenizer.decode(greedy[name][s.id], skip_special_tokens=True).strip()
                                         == t.strip() for s, t in zip(samples, truth)) / len(samples)

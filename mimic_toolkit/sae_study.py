@@ -202,8 +202,8 @@ def run_layers(adapter, model_id: str, checkpoint: str, train_samples, test_samp
         if "text-only" in groups:
             descriptions = {}
             for sample in test_samples:
-                descriptions[sample.id] = sample.labels.get("answer") if isinstance(sample.labels.get("answer"), str) \
-                    else None
+                given = sample.answer or sample.labels.get("answer")  # the dataset's answer, or a label of it
+                descriptions[sample.id] = given if isinstance(given, str) else None
             if any(d is None for d in descriptions.values()):
                 answers = _answers(adapter, test_samples, max_new_tokens)
                 descriptions = {k: v if v is not None else answers[k] for k, v in descriptions.items()}

@@ -30,17 +30,18 @@ def write_images(out, *, n: int, seed: int = 0, class_index: int | None = None) 
 
 
 def write_dataset(out, *, n: int, seed: int = 0, kind: str = "describe", question: str | None = None,
-                  answer: str | None = None) -> Path:
+                  answer: str | None = None, stream: int = DATASET_STREAM, file_name: str = "dataset.jsonl") -> Path:
     """`n` random images and `dataset.jsonl` (image, question, answer, id, labels) into the new
     folder `out`. `kind` picks the generator's question and answer (shape, colour, describe);
-    `question` replaces the question's words, `answer` (shape | colour | describe) what is answered."""
+    `question` replaces the question's words, `answer` (shape | colour | describe) what is answered.
+    `stream` picks the images (another command's datasets draw from streams of their own)."""
     _check(out, n)
     kinds = ("shape", "colour", "describe")
     for name, value in (("--kind", kind), ("--answer", answer)):
         if value is not None and value not in kinds:
             raise UserError(f"{name} must be {', '.join(kinds)}, not '{value}'")
-    images, labels = shapes.sample((seed, DATASET_STREAM), n)
-    rng = np.random.default_rng((seed, DATASET_STREAM, 1))
+    images, labels = shapes.sample((seed, stream), n)
+    rng = np.random.default_rng((seed, stream, 1))
     with atomic_folder(out) as folder:
         (folder / "images").mkdir()
         lines = []
@@ -53,8 +54,8 @@ def write_dataset(out, *, n: int, seed: int = 0, kind: str = "describe", questio
             shape, colour = shapes.split_class(label)
             lines.append(json.dumps({"id": f"{i:05d}", "image": name, "question": question or asked,
                                      "answer": answered, "labels": {"shape": shape, "colour": colour}}))
-        (folder / "dataset.jsonl").write_text("\n".join(lines) + "\n")
-    return Path(out) / "dataset.jsonl"
+        (folder / file_name).write_text("\n".join(lines) + "\n")
+    return Path(out) / file_name
 
 
 def _check(out, n: int) -> None:

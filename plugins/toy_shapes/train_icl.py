@@ -122,27 +122,12 @@ def _retarget_to_shape(adapter, inputs, targets, seed) -> torch.Tensor:
 def write_icl_dataset(out, *, n: int, seed: int = 0, task: str = "shape", question: str = ICL_QUESTION) -> Path:
     """`n` fresh images (PNG) and `icl.jsonl` in the capture format (image, question, answer, id,
     labels) for `mimic icl`; the answer is the image's `task` attribute. Streams apart from training's."""
-    from PIL import Image
-
-    from mimic_toolkit.atomic import refuse_existing
+    from .dataset import write_dataset
 
     if task not in TASKS:
         raise UserError(f"--task must be {' or '.join(TASKS)}, not '{task}'")
-    if n < 1:
-        raise UserError("--n must be at least 1")
-    refuse_existing(Path(out), "--out")
-    images, labels = shapes.sample((seed, ICL_DATASET_STREAM), n)
-    with atomic_folder(out) as folder:
-        (folder / "images").mkdir()
-        lines = []
-        for i, (image, label) in enumerate(zip(images, labels.tolist())):
-            name = f"images/{i:05d}.png"
-            Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / name)
-            shape, colour = shapes.split_class(label)
-            lines.append(json.dumps({"id": f"{i:05d}", "image": name, "question": question,
-                                     "answer": attribute(label, task), "labels": {"shape": shape, "colour": colour}}))
-        (folder / "icl.jsonl").write_text("\n".join(lines) + "\n")
-    return Path(out)
+    return write_dataset(out, n=n, seed=seed, kind=task, question=question, stream=ICL_DATASET_STREAM,
+                         file_name="icl.jsonl").parent
 
 
 def load_base(checkpoint) -> tuple:

@@ -35,8 +35,8 @@ from .live import PlainProgress
 from .prompts import IMAGENET_PROMPTS, direct, load_prompts, select
 from .registry import Registry
 from .runfolder import RunFolder
-from .session import (RESUME_MAY_CHANGE, Processes, build_config, check_inputs, concept_of, load_configured,
-                      run_inversion)
+from .session import (RESUME_MAY_CHANGE, Processes, active_statistics_terms, build_config, check_inputs, concept_of,
+                      load_configured, run_inversion)
 
 THUMB = 128
 # what a model's own geometry and files decide, never shared by --same-settings
@@ -66,9 +66,10 @@ def run_compare(registry: Registry, models: list[str], flags: dict, folder: Path
             given = {**settings[spec.id], "prompts": prompts, **asked}
             try:
                 config = build_config(registry, given)
-                check_inputs(config, spec)
+                check_inputs(config, spec, terms=registry.objective_specs())
                 source = config.stats or spec.stats
-                if len(concepts) > 1 and config.scales.get("feature") and source and not Path(source).is_dir():
+                uses_stats = active_statistics_terms(config, registry.objective_specs())
+                if len(concepts) > 1 and uses_stats and source and not Path(source).is_dir():
                     raise UserError(f"the statistics file '{source}' is one concept's; with several concepts "
                                     "pass a folder of per-class files (`mimic stats --class-index N`)")
                 configs[spec.id][key] = config
@@ -196,7 +197,8 @@ def _settings(registry, specs, flags, checkpoints, stats, same_settings) -> dict
 def _invert_model(registry: Registry, model: str, configs: dict, say) -> dict:
     """One model's runs, one per concept, loading the model once. Any failure ends this model's
     part (the runs it finished stay in the folder) and is recorded; it never ends the comparison."""
-    notes = [] if next(iter(configs.values())).scales.get("feature") else ["feature statistics off"]
+    notes = [] if active_statistics_terms(next(iter(configs.values())), registry.objective_specs()) else \
+        ["feature statistics off"]
     result = {"runs": {}, "notes": notes}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # each model's own peak, not the largest so far

@@ -288,7 +288,7 @@ def check_inputs(config: InversionConfig, spec: AdapterSpec, needs_checkpoint: b
         except UserError as exc:
             problems.append(str(exc))
 
-    statistics_terms = [t for t in terms_reading(terms or _default_terms(), "vision_statistics") if config.scales.get(t)]
+    statistics_terms = active_statistics_terms(config, terms or _default_terms())
     concept = checked(concept_of, config, spec)
     stats = checked(_stats_for, config, spec, concept, statistics_terms) if concept else None
     _check_shift(config, config.resolution or spec.resolution, problems)
@@ -323,6 +323,11 @@ def _check_sites(config: InversionConfig, spec: AdapterSpec) -> None:
     source = config.checkpoint or spec.checkpoint
     if source is None or Path(source).expanduser().is_dir():
         vision_sites(meta_adapter(spec.id, config.checkpoint)[1], config.feature_sites)
+
+
+def active_statistics_terms(config: InversionConfig, terms: dict) -> list[str]:
+    """The terms on in `config` that read feature statistics (they need --stats)."""
+    return [t for t in terms_reading(terms, "vision_statistics") if config.scales.get(t)]
 
 
 def _default_terms() -> dict:

@@ -45,4 +45,4 @@ def test_shipped_qwen_toy_loads_and_answers_held_out_images():
     assert recorded["layout"] == "qwen2-vl"
     accuracy = train.evaluate(adapter, seed=2024, n=50, batch=50)  # images it was not evaluated on at training
     assert accuracy["colour"] >= 0.95, accuracy
-    assert accuracy["shape"] > 0.25, accuracy  # above chance (4 shapes); shape is weakly learnt at this budget
+    assert accuracy["shape"] >= 0.6, accuracy  # 0.72 measured (chance: 0.25)

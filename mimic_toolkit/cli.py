@@ -72,10 +72,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_show_versio
                                        help="Say more: the resolved settings, what was loaded from where, "
                                        "and transformers' own messages.")):
     """See what vision-language models see: model inversion and more."""
-    if verbose:
-        from . import verbosity
+    from . import verbosity
 
-        verbosity.turn_on()
+    verbosity.configure(verbose)
 
 
 @app.command()

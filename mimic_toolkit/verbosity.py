@@ -7,12 +7,15 @@ import sys
 _on = False
 
 
-def turn_on() -> None:
+def configure(on: bool) -> None:
+    """Set for each command (the CLI's root callback), so one verbose command leaves the next one,
+    in the same process, as quiet as it asked to be."""
     global _on
-    _on = True
-    from transformers.utils import logging  # transformers' own messages (weights, configs) too
+    if on or _on:
+        from transformers.utils import logging  # transformers' own messages (weights, configs) too
 
-    logging.set_verbosity_info()
+        logging.set_verbosity_info() if on else logging.set_verbosity_warning()
+    _on = on
 
 
 def say(message: str) -> None:

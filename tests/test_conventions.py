@@ -111,6 +111,8 @@ def test_verbose_says_what_was_loaded(in_tmp):
     result = invoke("-v", "invert", *FAST, "--outputs", "run", "--quiet")
     assert result.exit_code == 0, result.output
     assert "loaded toy-shapes from" in result.stderr
+    quiet = invoke("invert", *FAST, "--outputs", "run2", "--quiet")  # the next command, same process
+    assert quiet.exit_code == 0 and "loaded" not in quiet.stderr
 
 
 def test_a_sweep_rerun_with_other_settings_is_refused_and_its_index_is_in_class_order(in_tmp):

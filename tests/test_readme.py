@@ -3,9 +3,9 @@ folder (so an example's inputs are made by the examples before it), on the bundl
 
 Left out, each for a stated reason: commands on real checkpoints (a `/models/...` path) or on a
 user's downloads (`~/...`), shell variables (Slurm and GPU loops), and the toy trainings (tens of
-CPU minutes: `toy train*`). Cut short: inversions run 2 steps of 1 image, SAE and ICL trainings 20
-steps (the README's step counts are for results, not for a test); everything else runs exactly as
-printed."""
+CPU minutes: `toy train*`). Cut short: inversions run 2 steps of 1 image, a comparison 2 concepts,
+SAE and ICL trainings 20 steps (the README's step counts are for results, not for a test);
+everything else runs exactly as printed."""
 import re
 import shlex
 import subprocess
@@ -17,7 +17,7 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 TOO_LONG = ("toy train", "toy train-icl", "toy train-verifier", "toy stats")
 STEPS = ["--iterations", "2", "--batch-size", "1"]
-SHORT = {"invert": STEPS, "sweep": STEPS, "compare": STEPS, "sae train": ["--steps", "20"],
+SHORT = {"invert": STEPS, "sweep": STEPS, "compare": STEPS + ["--classes", "0,1"], "sae train": ["--steps", "20"],
          "sae layers": ["--steps", "20"], "icl train": ["--steps", "20"]}
 
 

@@ -69,7 +69,7 @@ def _show_version(value: bool) -> None:
 def _root(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
                                        help="Print the version and exit."),
           verbose: bool = typer.Option(False, "--verbose", "-v",
-                                       help="Say more: the resolved settings, what was loaded from where, "
+                                       help="Say more: what was loaded from where and how long it took, "
                                        "and transformers' own messages.")):
     """See what vision-language models see: model inversion and more."""
     from . import verbosity

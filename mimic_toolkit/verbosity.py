@@ -1,5 +1,5 @@
-"""`mimic -v`: what the toolkit says beyond its results (the resolved settings, what was loaded
-from where and how long it took), on standard error; silent unless turned on."""
+"""`mimic -v`: what the toolkit says beyond its results (what was loaded from where and how long
+it took, and transformers' own messages), on standard error; silent unless turned on."""
 from __future__ import annotations
 
 import sys

@@ -4,6 +4,7 @@ upsampled (coarse structure only). Each makes its starting latent from the inver
 generator and turns the latent into normalised images in the model's pixel box."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -47,9 +48,8 @@ class Fourier:
 
     def images(self, latent, box, side):
         low, high = box
-        fy, fx = torch.fft.fftfreq(side, device=latent.device)[:, None], torch.fft.rfftfreq(side, device=latent.device)
-        scale = 1 / (fx ** 2 + fy ** 2).sqrt().clamp_min(1 / side)
-        x = torch.fft.irfft2(torch.view_as_complex(latent) * scale, s=(side, side), norm="ortho") / 4  # lucid's
+        x = torch.fft.irfft2(torch.view_as_complex(latent) * _spectrum_scale(side, latent.device), s=(side, side),
+                             norm="ortho") / 4  # lucid's scaling
         return low + (high - low) * torch.sigmoid(x)
 
     def after_step(self, latent, box):
@@ -75,6 +75,13 @@ class LowRes:
 
     def after_step(self, latent, box):
         pass
+
+
+@functools.lru_cache(maxsize=8)
+def _spectrum_scale(side: int, device: torch.device) -> torch.Tensor:
+    """1 / frequency per spectrum entry [side, side // 2 + 1]: made once per side and device, not every step."""
+    fy, fx = torch.fft.fftfreq(side, device=device)[:, None], torch.fft.rfftfreq(side, device=device)
+    return 1 / (fx ** 2 + fy ** 2).sqrt().clamp_min(1 / side)
 
 
 def parse(spec: str):

@@ -184,6 +184,16 @@ def make_batch(adapter, seed: tuple[int, ...], size: int, kinds=shapes.QUESTION_
     return {**adapter.pixel_inputs(adapter.normalise(images)), **batch}
 
 
+def train_step(loss, optimizer, scheduler, params) -> float:
+    """One update of every toy training (gradient clipped at norm 1); returns the loss."""
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
 def _schedule(optimizer, total_steps: int, warmup: int):
     def factor(step):
         if step < warmup:
@@ -212,15 +222,10 @@ def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, lo
         features = features_of(adapter, images)
         patch_features = features[0]
         loss = sum(F.cross_entropy(head(f), labels) for head, f in zip(heads, features))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        losses.append(train_step(loss, optimizer, scheduler, params))
         if log_every and step % log_every == 0:
             shape_right = heads[0](patch_features).argmax(-1) // len(shapes.COLOURS) == labels // len(shapes.COLOURS)
-            print(f"vision {step:5d} loss {loss.item():.3f} batch shape accuracy {shape_right.float().mean():.2f}",
+            print(f"vision {step:5d} loss {losses[-1]:.3f} batch shape accuracy {shape_right.float().mean():.2f}",
                   flush=True)
     return losses
 
@@ -238,14 +243,9 @@ def train_language(adapter, *, seed: int, steps: int, batch: int, lr: float, tow
     losses = []
     for step in range(steps):
         loss = model(**make_batch(adapter, (seed, LANGUAGE_STREAM, step), batch)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        losses.append(train_step(loss, optimizer, scheduler, model.parameters()))
         if log_every and step % log_every == 0:
-            print(f"language {step:5d} loss {loss.item():.3f}", flush=True)
+            print(f"language {step:5d} loss {losses[-1]:.3f}", flush=True)
     return losses
 
 

@@ -25,7 +25,7 @@ from mimic_toolkit.engine import format_prompt
 from mimic_toolkit.errors import UserError
 
 from . import shapes
-from .train import _schedule, evaluate, trainable_adapter
+from .train import _schedule, evaluate, train_step, trainable_adapter
 
 ICL_QUESTION = "What is it?"
 TASKS = ("colour", "shape")
@@ -151,14 +151,9 @@ def train_icl(out_dir, base_checkpoint, *, seed: int = 0, steps: int = 300, batc
     losses = []
     for step in range(steps):
         loss = model(**make_icl_batch(adapter, (seed, ICL_STREAM, step), batch, own_share=own_share)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        losses.append(train_step(loss, optimizer, scheduler, params))
         if log_every and step % log_every == 0:
-            print(f"icl {step:5d} loss {loss.item():.3f}  {time.time() - started:.0f} s", flush=True)
+            print(f"icl {step:5d} loss {losses[-1]:.3f}  {time.time() - started:.0f} s", flush=True)
     minutes = (time.time() - started) / 60
     model.eval()
     report = {

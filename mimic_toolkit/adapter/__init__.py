@@ -12,7 +12,8 @@ has. A new VLM is one `VLMAdapter` subclass plus an `AdapterSpec` registered by 
 - `memory.py`: what `--memory-saving` recomputes.
 
 Most LLaVA-like models need only the class attributes, `patch_embedding`, `vision_layers`,
-`vision_forward`, `image_token_count`, `architecture` and `test_tokenizer`; models whose image
+`vision_forward` (`EncoderTower` gives these three for CLIP- and SigLIP-style towers),
+`image_token_count`, `architecture` and `test_tokenizer`; models whose image
 input is not a plain [B, 3, H, W] batch override `pixel_inputs` (and `text_inputs` for extra
 text-side inputs).
 """
@@ -25,9 +26,9 @@ from .chat import IGNORE_INDEX, IMAGE_MARKER, ChatFormat, Prompt
 from .language import LanguageModel
 from .loading import Loading, checkpoint_source, load_config
 from .memory import MemorySaving
-from .vision import VisionTower
+from .vision import EncoderTower, VisionTower
 
-__all__ = ["IGNORE_INDEX", "IMAGE_MARKER", "Prompt", "VLMAdapter", "checkpoint_source", "load_config"]
+__all__ = ["EncoderTower", "IGNORE_INDEX", "IMAGE_MARKER", "Prompt", "VLMAdapter", "checkpoint_source", "load_config"]
 
 
 class VLMAdapter(Loading, VisionTower, ChatFormat, LanguageModel, MemorySaving):

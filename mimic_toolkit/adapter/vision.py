@@ -145,3 +145,20 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB picture -> [3, H, W] in [0, 1]."""
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return data.view(image.height, image.width, 3).permute(2, 0, 1).float() / 255
+
+
+class EncoderTower:
+    """The sites of transformers' CLIP- and SigLIP-style towers at `self.vision_tower` (LLaVA,
+    Gemma 3, PaliGemma): `embeddings.patch_embedding` (its output is before the position
+    embeddings), `encoder.layers`, and a forward on `pixel_values`. Put it before `VLMAdapter`."""
+
+    @property
+    def patch_embedding(self):
+        return self.vision_tower.embeddings.patch_embedding
+
+    @property
+    def vision_layers(self):
+        return self.vision_tower.encoder.layers
+
+    def vision_forward(self, images: torch.Tensor) -> None:
+        self.vision_tower(pixel_values=images.to(self.dtype))

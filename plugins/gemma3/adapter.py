@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from mimic_toolkit.adapter import IMAGE_MARKER, VLMAdapter
+from mimic_toolkit.adapter import IMAGE_MARKER, EncoderTower, VLMAdapter
 from mimic_toolkit.testing import BASIC_WORDS, word_tokenizer
 
 # Gemma 3's turns for string contents; a system message is put before the first user message.
@@ -20,7 +20,7 @@ GEMMA3_TEMPLATE = (
 )
 
 
-class Gemma3Adapter(VLMAdapter):
+class Gemma3Adapter(EncoderTower, VLMAdapter):
     model_class = "Gemma3ForConditionalGeneration"
     model_type = "gemma3"
     image_resample = Image.BILINEAR  # Gemma3ImageProcessor's; mean and std are the base's 0.5
@@ -48,17 +48,6 @@ class Gemma3Adapter(VLMAdapter):
 
     def with_token_types(self, inputs: dict) -> dict[str, torch.Tensor]:
         return {**inputs, "token_type_ids": (inputs["input_ids"] == self.image_token_id).long()}
-
-    @property
-    def patch_embedding(self):
-        return self.vision_tower.embeddings.patch_embedding
-
-    @property
-    def vision_layers(self):
-        return self.vision_tower.encoder.layers
-
-    def vision_forward(self, images: torch.Tensor) -> None:
-        self.vision_tower(pixel_values=images.to(self.dtype))
 
     @classmethod
     def test_tokenizer(cls):

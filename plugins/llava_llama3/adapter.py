@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mimic_toolkit.adapter import VLMAdapter
+from mimic_toolkit.adapter import EncoderTower, VLMAdapter
 from mimic_toolkit.testing import BASIC_WORDS, word_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -22,7 +22,7 @@ LLAMA3_TEMPLATE = (
 )
 
 
-class LlavaLlama3Adapter(VLMAdapter):
+class LlavaLlama3Adapter(EncoderTower, VLMAdapter):  # CLIP ViT-L: 25 default sites
     model_class = "LlavaForConditionalGeneration"
     model_type = "llava"
     image_mean, image_std = CLIP_MEAN, CLIP_STD
@@ -35,17 +35,6 @@ class LlavaLlama3Adapter(VLMAdapter):
         grid = self.resolution // self.patch_size
         keeps_cls = self.model.config.vision_feature_select_strategy == "full"
         return grid * grid + int(keeps_cls)
-
-    @property
-    def patch_embedding(self):
-        return self.vision_tower.embeddings.patch_embedding  # before CLIP adds position embeddings
-
-    @property
-    def vision_layers(self):
-        return self.vision_tower.encoder.layers  # 24 for CLIP ViT-L: 25 default feature sites
-
-    def vision_forward(self, images: torch.Tensor) -> None:
-        self.vision_tower(pixel_values=images.to(self.dtype))
 
     @classmethod
     def test_tokenizer(cls):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mimic_toolkit.adapter import IGNORE_INDEX, IMAGE_MARKER, VLMAdapter
+from mimic_toolkit.adapter import IGNORE_INDEX, IMAGE_MARKER, EncoderTower, VLMAdapter
 from mimic_toolkit.testing import BASIC_WORDS, word_tokenizer
 
 PALIGEMMA_TEMPLATE = (
@@ -18,7 +18,7 @@ PALIGEMMA_TEMPLATE = (
 )
 
 
-class PaliGemmaAdapter(VLMAdapter):
+class PaliGemmaAdapter(EncoderTower, VLMAdapter):
     model_class = "PaliGemmaForConditionalGeneration"
     model_type = "paligemma"
     chat_template = PALIGEMMA_TEMPLATE  # SigLIP's mean and std, bicubic: the base's
@@ -52,17 +52,6 @@ class PaliGemmaAdapter(VLMAdapter):
     def unembed(self, hidden: torch.Tensor, apply_final_norm: bool = True) -> torch.Tensor:
         logits, cap = super().unembed(hidden, apply_final_norm), self.model.config.text_config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
-
-    @property
-    def patch_embedding(self):
-        return self.vision_tower.embeddings.patch_embedding
-
-    @property
-    def vision_layers(self):
-        return self.vision_tower.encoder.layers
-
-    def vision_forward(self, images: torch.Tensor) -> None:
-        self.vision_tower(pixel_values=images.to(self.dtype))
 
     @classmethod
     def test_tokenizer(cls):

@@ -26,6 +26,33 @@ def test_generator_is_deterministic_per_seed():
     assert not torch.equal(first, other)
 
 
+def test_styles_draw_the_concept_and_none_draws_no_shape():
+    images, labels, styles = shapes.sample(3, 300, shapes.GROUNDED_MIX)
+    again = shapes.sample(3, 300, shapes.GROUNDED_MIX)
+    assert torch.equal(images, again[0]) and styles == again[2] and set(styles) == set(shapes.STYLES)
+    assert images.min() >= 0 and images.max() <= 1
+    assert all((label == shapes.NO_SHAPE) == (style == "none") for label, style in zip(labels.tolist(), styles))
+    # an outline covers a fraction of the filled shape's pixels (same draws, so the same shape)
+    filled = shapes._shape_mask("circle", np.random.default_rng(5))
+    outline = shapes._shape_mask("circle", np.random.default_rng(5), outline=2.0)
+    assert 0.05 < outline.sum() / filled.sum() < 0.5 and (outline <= filled + 1e-6).all()
+    rng = np.random.default_rng(0)
+    assert shapes.question_answer("shape", shapes.NO_SHAPE, rng)[1] == "none"
+    assert shapes.question_answer("colour", shapes.NO_SHAPE, rng)[1] == "none"
+    assert shapes.question_answer("describe", shapes.NO_SHAPE, rng)[1] == "nothing"
+    question, answer = shapes.question_answer("choice", shapes.NO_SHAPE, rng)
+    assert answer == "none" and sum(shape in question for shape in shapes.SHAPES) == 3
+
+
+def test_the_verifier_corruptions_keep_images_in_range_and_change_them():
+    images, _ = shapes.sample(4, 8)
+    g = torch.Generator().manual_seed(0)
+    for name in verifier.CORRUPTIONS:
+        changed = verifier.corrupt(images, name, g)
+        assert changed.shape == images.shape and changed.min() >= 0 and changed.max() <= 1, name
+        assert (changed - images).abs().mean() > 1e-3, name
+
+
 def test_class_index_and_questions():
     assert shapes.class_index("triangle", "blue") == 2 * 6 + 2
     assert shapes.class_name(shapes.class_index("cross", "cyan")) == "cyan cross"
@@ -78,10 +105,38 @@ def test_tiny_training_is_reproducible_and_saves_a_loadable_checkpoint(tmp_path)
                 model_sizes={"vision_width": 32, "vision_layers": 2, "text_width": 32, "text_layers": 1})
     report = train.train(tmp_path, **tiny)
     train.train(tmp_path / "again", **tiny)
-    assert set(report["held_out_accuracy"]) == set(shapes.QUESTION_KINDS)
+    assert set(report["held_out_accuracy"]) == set(shapes.STYLES)
+    assert all(set(row) == set(shapes.QUESTION_KINDS) for row in report["held_out_accuracy"].values())
     weights = [(folder / "model.safetensors").read_bytes() for folder in (tmp_path, tmp_path / "again")]
     assert weights[0] == weights[1]
     adapter = LlavaLlama3Adapter.load(str(tmp_path))
     assert adapter.tokenizer.chat_template and (tmp_path / "training.json").exists()
     prompt = adapter.build_prompt([("What shape is in the image?", "circle")])
     assert (prompt.input_ids == adapter.image_token_id).sum() == train.IMAGE_TOKENS == 64
+
+
+def test_going_on_from_a_trained_toy_keeps_its_weights_word_by_word(tmp_path):
+    """--init: every weight of the first toy carried over, token embeddings by word; "none", new to
+    the vocabulary, starts fresh."""
+    old = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT.with_name("checkpoint-v1"))
+    old_vocab = AutoTokenizer.from_pretrained(CHECKPOINT.with_name("checkpoint-v1")).get_vocab()
+    train.train(tmp_path / "new", init=CHECKPOINT.with_name("checkpoint-v1"), vision_steps=0, language_steps=0,
+                eval_images=2, log_every=0)
+    new = LlavaForConditionalGeneration.from_pretrained(tmp_path / "new")
+    vocab = AutoTokenizer.from_pretrained(tmp_path / "new").get_vocab()
+    assert "none" in vocab and "none" not in old_vocab and vocab["square"] != old_vocab["square"]
+    old_embedding, embedding = old.get_input_embeddings().weight, new.get_input_embeddings().weight
+    assert all(torch.equal(embedding[vocab[word]], old_embedding[index]) for word, index in old_vocab.items())
+    assert not any(torch.equal(embedding[vocab["none"]], row) for row in old_embedding)
+    tower = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(new.state_dict()[tower], old.state_dict()[tower])
+
+
+def test_init_that_is_not_a_toy_checkpoint_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from mimic_toolkit.cli import app
+
+    result = CliRunner().invoke(app, ["toy", "train", "--init", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--init" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

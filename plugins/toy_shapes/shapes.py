@@ -10,6 +10,11 @@ dark and light). The shapes are drawn in fully saturated colours, so a backgroun
 shape's colour. Muted backgrounds are a deliberate choice: with backgrounds of any colour, a small VLM trained from
 scratch did not learn shape; muted ones keep the outline salient while the backgrounds still vary.
 
+Besides the filled shapes, `STYLES` draws them as outlines (1-3 px), blurred, noisy and at low
+contrast, and "none" is an image with no shape at all (a background, pixel noise, a flat colour of
+any saturation, smooth 1/f noise), answered "none" / "nothing". The grounded toy model trains on
+all of them, so its shape answer needs geometry (benchmarks/RESULTS.md, "grounded toy").
+
 Everything is deterministic given a seed (`numpy.random.Generator`); no files are read.
 """
 
@@ -18,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 SIZE = 64
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -33,6 +38,10 @@ COLOUR_RGB = {
 }
 QUESTION_KINDS = ("shape", "colour", "describe", "choice")
 DEFAULT_QUESTION = "Describe the image."
+NO_SHAPE = len(SHAPES) * len(COLOURS)  # the label of an image with no shape (answered "none")
+# Ways to draw a concept; "none" draws no shape. The grounded recipe's mix of them, as weights:
+STYLES = ("filled", "outline", "blurred", "noisy", "faint", "none")
+GROUNDED_MIX = {"filled": 0.45, "outline": 0.12, "blurred": 0.1, "noisy": 0.1, "faint": 0.08, "none": 0.15}
 MAX_SPAN = 0.68  # of the side: the largest square still fits when turned 45 degrees
 _SUPERSAMPLE = 4
 
@@ -71,8 +80,9 @@ def _outline(shape: str, span: float, rng: np.random.Generator) -> np.ndarray:
     return points @ rotation.T
 
 
-def _shape_mask(shape: str, rng: np.random.Generator) -> np.ndarray:
-    """Coverage in [0, 1] of a randomly sized, placed and turned shape, [SIZE, SIZE]."""
+def _shape_mask(shape: str, rng: np.random.Generator, outline: float = 0.0) -> np.ndarray:
+    """Coverage in [0, 1] of a randomly sized, placed and turned shape, [SIZE, SIZE]; drawn as
+    an outline `outline` px wide when it is > 0."""
     span = rng.uniform(0.3, MAX_SPAN) * SIZE
     if shape == "circle":
         points = np.array([[-span / 2, -span / 2], [span / 2, span / 2]])
@@ -84,8 +94,11 @@ def _shape_mask(shape: str, rng: np.random.Generator) -> np.ndarray:
     big = Image.new("L", (SIZE * _SUPERSAMPLE, SIZE * _SUPERSAMPLE), 0)
     draw = ImageDraw.Draw(big)
     scaled = ((points + centre) * _SUPERSAMPLE).tolist()
+    width = round(outline * _SUPERSAMPLE)
     if shape == "circle":
-        draw.ellipse([tuple(p) for p in scaled], fill=255)
+        draw.ellipse([tuple(p) for p in scaled], **({"outline": 255, "width": width} if width else {"fill": 255}))
+    elif width:
+        draw.line([tuple(p) for p in scaled + scaled[:1]], fill=255, width=width, joint="curve")
     else:
         draw.polygon([tuple(p) for p in scaled], fill=255)
     return np.asarray(big.resize((SIZE, SIZE), Image.BOX), dtype=np.float32) / 255
@@ -110,34 +123,80 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return np.clip(image, 0, 1)
 
 
-def render(shape: str, colour: str, rng: np.random.Generator) -> np.ndarray:
-    """One image, [SIZE, SIZE, 3] float32 in [0, 1]."""
+def render(shape: str, colour: str, rng: np.random.Generator, style: str = "filled") -> np.ndarray:
+    """One image, [SIZE, SIZE, 3] float32 in [0, 1], of the concept drawn in `style` (see STYLES)."""
+    if style == "none":
+        return shapeless(rng)
     background = _background(rng)
-    mask = _shape_mask(shape, rng)[..., None]
-    return (background * (1 - mask) + np.array(COLOUR_RGB[colour]) * mask).astype(np.float32)
+    mask = _shape_mask(shape, rng, outline=rng.uniform(1, 3) if style == "outline" else 0.0)[..., None]
+    if style == "faint":  # low contrast: the colour only partly over the background
+        mask = mask * rng.uniform(0.35, 0.6)
+    image = background * (1 - mask) + np.array(COLOUR_RGB[colour]) * mask
+    if style == "blurred":
+        image = _blur(image, rng.uniform(0.8, 2.0))
+    elif style == "noisy":
+        image = image + rng.normal(0, rng.uniform(0.05, 0.15), image.shape)
+    return np.clip(image, 0, 1).astype(np.float32)
 
 
-def sample(seed: int | Sequence[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`n` random images [n, 3, SIZE, SIZE] in [0, 1] and their class indices [n].
-    `seed` is anything `numpy.random.default_rng` takes, e.g. (run seed, stream, step)."""
+def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    pil = Image.fromarray((image * 255).round().astype(np.uint8)).filter(ImageFilter.GaussianBlur(sigma))
+    return np.asarray(pil, dtype=np.float32) / 255
+
+
+def shapeless(rng: np.random.Generator) -> np.ndarray:
+    """An image with no shape: a generator background, uniform pixel noise, a flat colour of any
+    saturation (a flat red frame is not a red square), or smooth 1/f noise behind a sigmoid (what a
+    random Fourier-parameterised image looks like)."""
+    kind = rng.integers(4)
+    if kind == 0:
+        image = _background(rng)
+    elif kind == 1:
+        image = rng.uniform(0, 1, (SIZE, SIZE, 3))
+    elif kind == 2:
+        hsv = (rng.uniform(), rng.uniform(0, 1), rng.uniform(0.1, 1))
+        image = np.broadcast_to(colorsys.hsv_to_rgb(*hsv), (SIZE, SIZE, 3)) + rng.normal(0, 0.02, (SIZE, SIZE, 3))
+    else:
+        frequencies = np.sqrt(np.fft.fftfreq(SIZE)[:, None] ** 2 + np.fft.rfftfreq(SIZE)[None] ** 2)
+        scale = 1 / np.maximum(frequencies, 1 / SIZE) ** rng.uniform(1, 2)
+        spectrum = (rng.normal(size=(3, *scale.shape)) + 1j * rng.normal(size=(3, *scale.shape))) * scale
+        field = np.fft.irfft2(spectrum, s=(SIZE, SIZE))
+        field = field / field.std() * rng.uniform(0.5, 2)
+        image = 1 / (1 + np.exp(-(field.transpose(1, 2, 0) + rng.normal(0, 0.5, 3))))
+    return np.clip(image, 0, 1).astype(np.float32)
+
+
+def sample(seed: int | Sequence[int], n: int, mix: dict[str, float] | None = None):
+    """`n` random images [n, 3, SIZE, SIZE] in [0, 1] and their class indices [n] (NO_SHAPE for a
+    "none" image). Filled shapes only, unless `mix` gives each style's weight (e.g. GROUNDED_MIX);
+    then also the style of each image. `seed` is anything `numpy.random.default_rng` takes, e.g.
+    (run seed, stream, step)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(SHAPES) * len(COLOURS), n)
-    images = np.stack([render(*split_class(label), rng) for label in labels])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
+    if mix is None:
+        images = np.stack([render(*split_class(label), rng) for label in labels])
+        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
+    names = list(mix)
+    weights = np.array([mix[name] for name in names], dtype=float)
+    styles = [names[k] for k in rng.choice(len(names), n, p=weights / weights.sum())]
+    images = np.stack([render(*split_class(label), rng, style) for label, style in zip(labels, styles)])
+    labels = np.where([style == "none" for style in styles], NO_SHAPE, labels)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels), styles
 
 
 def question_answer(kind: str, index: int, rng: np.random.Generator) -> tuple[str, str]:
-    """A question of the given kind about class `index`, and its one correct answer."""
-    shape, colour = split_class(index)
+    """A question of the given kind about class `index`, and its one correct answer ("none", or
+    "nothing" to describe, for NO_SHAPE)."""
+    shape, colour = ("none", "none") if index == NO_SHAPE else split_class(index)
     if kind == "shape":
         return "What shape is in the image?", shape
     if kind == "colour":
         return "What colour is the shape?", colour
     if kind == "describe":
-        return DEFAULT_QUESTION, f"a {colour} {shape}"
+        return DEFAULT_QUESTION, "nothing" if index == NO_SHAPE else f"a {colour} {shape}"
     if kind == "choice":
         others = [s for s in SHAPES if s != shape]
-        options = [shape] + list(rng.choice(others, 2, replace=False))
+        options = ([] if index == NO_SHAPE else [shape]) + list(rng.choice(others, 3 if index == NO_SHAPE else 2, replace=False))
         rng.shuffle(options)
         return f"Is it a {options[0]}, a {options[1]} or a {options[2]}?", shape
     raise ValueError(f"unknown question kind {kind!r}")

@@ -9,7 +9,12 @@ Prompts come from the toolkit's prompt formatting (`format_prompt`: the LLaVA ad
 so training and inversion see the same sequences; the model learns the answer plus `<eos>`. Pixels are CLIP-normalised, as the
 adapter normalises them.
 
-    mimic toy train --out my-toy                      # the LLaVA layout (about 25 minutes, 1 thread)
+The images mix every style of `shapes.STYLES` (`shapes.GROUNDED_MIX`: filled shapes, outlines,
+blurred, noisy, faint, and 15 % with no shape at all, answered "none" / "nothing"), so the model's
+answers depend on the shape's geometry rather than on colour or texture (issue 10).
+
+    mimic toy train --out my-toy                      # the LLaVA layout, from scratch
+    mimic toy train --init plugins/toy_shapes/checkpoint-v1 --out my-toy   # on from a trained toy
     mimic toy train --layout qwen2-vl --out my-toy-qwen
 """
 
@@ -53,7 +58,7 @@ VISION_STREAM, LANGUAGE_STREAM, HELD_OUT_STREAM = 0, 1, 2
 def _all_questions_and_answers() -> list[str]:
     rng = np.random.default_rng(0)
     texts = []
-    for index in range(len(shapes.SHAPES) * len(shapes.COLOURS)):
+    for index in range(shapes.NO_SHAPE + 1):
         for kind in shapes.QUESTION_KINDS:
             for _ in range(20 if kind == "choice" else 1):  # enough draws to meet every option
                 texts.extend(shapes.question_answer(kind, index, rng))
@@ -165,10 +170,11 @@ def _grid_position_embeddings(side: int, width: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, width), grid], dim=0) * 0.5
 
 
-def make_batch(adapter, seed: tuple[int, ...], size: int, kinds=shapes.QUESTION_KINDS) -> dict:
-    """Fresh images with one random question each, prompted exactly as the toolkit's adapter
-    prompts an inversion, right-padded; loss only on the answer and the <eos> after it."""
-    images, labels = shapes.sample(seed, size)
+def make_batch(adapter, seed: tuple[int, ...], size: int, kinds=shapes.QUESTION_KINDS,
+               mix=shapes.GROUNDED_MIX) -> dict:
+    """Fresh images (styles drawn from `mix`) with one random question each, prompted exactly as
+    the toolkit's adapter prompts an inversion, right-padded; loss only on the answer and the <eos> after it."""
+    images, labels, _ = shapes.sample(seed, size, mix)
     rng = np.random.default_rng([*seed, 1])
     eos = torch.tensor([adapter.tokenizer.eos_token_id])
     rows = []
@@ -209,7 +215,7 @@ def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, lo
     tower (the CLS; the last block's patches), mean-pooled, as CLIP itself is trained."""
     _, _, _, tower_of, features_of = LAYOUTS[layout]
     tower = tower_of(adapter)
-    classes = len(shapes.SHAPES) * len(shapes.COLOURS)
+    classes = shapes.NO_SHAPE + 1  # the 24 concepts and "no shape"
     with torch.no_grad():
         widths = [f.shape[-1] for f in features_of(adapter, torch.zeros(1, 3, shapes.SIZE, shapes.SIZE))]
     heads = torch.nn.ModuleList([torch.nn.Linear(width, classes) for width in widths])
@@ -218,7 +224,7 @@ def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, lo
     scheduler = _schedule(optimizer, steps, warmup=steps // 20)
     losses = []
     for step in range(steps):
-        images, labels = shapes.sample((seed, VISION_STREAM, step), batch)
+        images, labels, _ = shapes.sample((seed, VISION_STREAM, step), batch, shapes.GROUNDED_MIX)
         features = features_of(adapter, images)
         patch_features = features[0]
         loss = sum(F.cross_entropy(head(f), labels) for head, f in zip(heads, features))
@@ -250,19 +256,46 @@ def train_language(adapter, *, seed: int, steps: int, batch: int, lr: float, tow
 
 
 @torch.no_grad()
-def evaluate(adapter, *, seed: int = 0, n: int = 400, batch: int = 100) -> dict[str, float]:
-    """Per question kind: the fraction of fresh images whose whole answer + <eos> is the argmax at
-    every answer position (what greedy decoding produces for these 1-3 token answers)."""
+def evaluate(adapter, *, seed: int = 0, n: int = 400, batch: int = 100, styles=None) -> dict[str, dict[str, float]]:
+    """Per image style and question kind: the fraction of fresh images whose whole answer + <eos>
+    is the argmax at every answer position (what greedy decoding produces for these 1-3 token answers).
+    `styles`: default every style of shapes.STYLES whose answers the model has words for (a toy
+    trained before "none" existed is not asked about shapeless images)."""
+    if styles is None:
+        styles = [s for s in shapes.STYLES if s != "none" or "none" in adapter.tokenizer.get_vocab()]
     accuracy = {}
-    for k, kind in enumerate(shapes.QUESTION_KINDS):
-        correct = 0
-        for start in range(0, n, batch):
-            inputs = make_batch(adapter, (seed, HELD_OUT_STREAM, k, start), min(batch, n - start), kinds=(kind,))
-            targets = inputs.pop("labels")[:, 1:]
-            predicted = adapter.model(**inputs).logits[:, :-1].argmax(-1)
-            correct += ((predicted == targets) | (targets == -100)).all(dim=1).sum().item()
-        accuracy[kind] = correct / n
+    for style in styles:
+        s = shapes.STYLES.index(style)  # each style its own image stream, whichever are asked
+        accuracy[style] = {}
+        for k, kind in enumerate(shapes.QUESTION_KINDS):
+            correct = 0
+            for start in range(0, n, batch):
+                inputs = make_batch(adapter, (seed, HELD_OUT_STREAM, s, k, start), min(batch, n - start),
+                                    kinds=(kind,), mix={style: 1.0})
+                targets = inputs.pop("labels")[:, 1:]
+                predicted = adapter.model(**inputs).logits[:, :-1].argmax(-1)
+                correct += ((predicted == targets) | (targets == -100)).all(dim=1).sum().item()
+            accuracy[style][kind] = correct / n
     return accuracy
+
+
+@torch.no_grad()
+def warm_start(model, tokenizer, init_dir) -> None:
+    """Copy a trained toy of the same layout and sizes into `model`: every weight, and the token
+    embeddings word by word, so words new to the vocabulary (e.g. "none") start from scratch."""
+    old_tokenizer = PreTrainedTokenizerFast.from_pretrained(init_dir)
+    old = type(model).from_pretrained(init_dir)
+    new_state = model.state_dict()
+    same = {key: value for key, value in old.state_dict().items()
+            if key in new_state and value.shape == new_state[key].shape}
+    embedding = model.get_input_embeddings().weight
+    if set(new_state) - set(same) - {key for key, value in new_state.items() if value.shape == embedding.shape}:
+        raise UserError(f"--init {init_dir}: not a toy of this layout and these sizes")
+    model.load_state_dict(same, strict=False)
+    old_embedding, old_vocab = old.get_input_embeddings().weight, old_tokenizer.get_vocab()
+    for token, index in tokenizer.get_vocab().items():
+        if token in old_vocab:
+            embedding[index] = old_embedding[old_vocab[token]]
 
 
 def trainable_adapter(tokenizer, model, layout: str = "llava"):
@@ -275,8 +308,9 @@ def trainable_adapter(tokenizer, model, layout: str = "llava"):
 
 def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: int = 600, batch: int = 64,
           vision_lr: float = 3e-3, language_lr: float = 1e-3, tower_lr: float = 3e-4, eval_images: int = 400,
-          model_sizes: dict | None = None, log_every: int = 50, layout: str = "llava") -> dict:
-    """Train, evaluate on fresh images and save the checkpoint plus `training.json` in `out_dir`."""
+          model_sizes: dict | None = None, log_every: int = 50, layout: str = "llava", init=None) -> dict:
+    """Train (from scratch, or on from the checkpoint `init`), evaluate on fresh images and save
+    the checkpoint plus `training.json` in `out_dir`."""
     if layout not in LAYOUTS:
         raise UserError(f"--layout takes one of {', '.join(LAYOUTS)}, not '{layout}'")
     check_replaceable(out_dir, lambda folder: (folder / "training.json").is_file(), "--out")  # before the long part
@@ -284,7 +318,10 @@ def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: i
     started = time.time()
     make_tokenizer, make_model, _, _, _ = LAYOUTS[layout]
     tokenizer = make_tokenizer()
-    adapter = trainable_adapter(tokenizer, make_model(tokenizer, **(model_sizes or {})), layout)
+    model = make_model(tokenizer, **(model_sizes or {}))
+    if init is not None:
+        warm_start(model, tokenizer, init)
+    adapter = trainable_adapter(tokenizer, model, layout)
     vision_losses = pretrain_vision(adapter, seed=seed, steps=vision_steps, batch=batch, lr=vision_lr,
                                     log_every=log_every, layout=layout)
     language_losses = train_language(adapter, seed=seed, steps=language_steps, batch=batch, lr=language_lr,
@@ -293,11 +330,12 @@ def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: i
     adapter.model.eval()
     accuracy = evaluate(adapter, n=eval_images)
     report = {
-        "layout": layout, "seed": seed, "minutes": round(minutes, 2), "threads": torch.get_num_threads(),
+        "layout": layout, "seed": seed, "init": str(init) if init is not None else None, "minutes": round(minutes, 2), "threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in adapter.model.parameters()),
         "recipe": {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch,
                    "vision_lr": vision_lr, "language_lr": language_lr, "tower_lr": tower_lr,
                    "model_sizes": model_sizes or {}, "optimizer": "AdamW, linear warmup 5 %, cosine",
+                   "image_styles": shapes.GROUNDED_MIX,
                    "pixel_mean": adapter.image_mean, "pixel_std": adapter.image_std},
         "held_out_accuracy": accuracy, "held_out_images_per_kind": eval_images,
         "final_loss": {"vision": float(np.mean(vision_losses[-20:] or [math.nan])),

@@ -16,6 +16,7 @@ from mimic_toolkit.errors import UserError
 from . import shapes, verifier
 
 CHECK_QUESTIONS = {"shape": "What shape is in the image?", "colour": "What colour is the shape?"}
+TOY_MODELS = ("toy-shapes", "toy-shapes-v1")  # the LLaVA toys of the 24 concepts the verifier knows
 
 
 def run_folders(paths: list[Path]) -> list[Path]:
@@ -43,10 +44,15 @@ def answer_probability(adapter, images01: torch.Tensor, question: str, answer: s
     return adapter.answer_probability(adapter.normalise(images01), format_prompt(adapter, [(question, answer)]))
 
 
+def run_model(folder: Path) -> str:
+    model = json.loads((folder / "manifest.json").read_text()).get("model")
+    if model not in TOY_MODELS:
+        raise UserError(f"run '{folder}' inverted '{model}': evaluate scores runs of {' or '.join(TOY_MODELS)}")
+    return model
+
+
 def evaluate_run(folder: Path, adapter, classifier) -> dict:
     manifest = json.loads((folder / "manifest.json").read_text())
-    if manifest.get("model") != "toy-shapes":
-        raise UserError(f"run '{folder}' inverted '{manifest.get('model')}': evaluate scores toy-shapes runs")
     index = manifest["concept"]["class_index"]
     if not 0 <= index < len(shapes.SHAPES) * len(shapes.COLOURS):
         raise UserError(f"run '{folder}' did not invert one of the 24 toy concepts (class index {index})")
@@ -78,10 +84,11 @@ def summarise(rows: list[dict]) -> dict:
             "vlm_p_shape": mean("vlm_p_shape"), "vlm_p_colour": mean("vlm_p_colour")}
 
 
-def evaluate(paths: list[Path], adapter=None) -> tuple[list[dict], dict]:
+def evaluate(paths: list[Path]) -> tuple[list[dict], dict]:
+    """Each run scored by the verifier and by the toy that inverted it."""
     folders = run_folders(paths)
-    if adapter is None:
-        adapter = load_model("toy-shapes", device="cpu")
+    models = {folder: run_model(folder) for folder in folders}  # every run checked before loading
+    adapters = {model: load_model(model, device="cpu") for model in sorted(set(models.values()))}
     classifier = verifier.load_verifier()
-    rows = [evaluate_run(folder, adapter, classifier) for folder in folders]
+    rows = [evaluate_run(folder, adapters[models[folder]], classifier) for folder in folders]
     return rows, summarise(rows)

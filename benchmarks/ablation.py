@@ -1,11 +1,14 @@
 """The paper's ablation table, on the bundled toy-shapes model where the truth is known.
 
-For each objective (CE only; + feature statistics; + patch prior; + TV/L2 priors) every one of the
-24 concepts is inverted (4 images each) and the independent verifier CNN scores the images; with
---curve, the full objective's accuracy is also recorded against the number of steps.
+For each objective (CE only; + feature statistics; + patch prior; + TV/L2 priors; + the R_V guide
+prior; + a 4-view augmentation ensemble) every one of the 24 concepts is inverted (4 images each)
+and the independent verifier CNN scores the images; with --curve, the last row's accuracy is also
+recorded against the number of steps. --model toy-shapes-v1 gives the same rows for the first,
+ungrounded toy.
 
-    python benchmarks/ablation.py                    # all rows, 24 concepts (minutes on 2 cores)
+    python benchmarks/ablation.py                    # all rows, 24 concepts (an hour on 2 cores)
     python benchmarks/ablation.py --concepts 0,7 --steps 50 --rows ce,full   # a quick look
+    python benchmarks/ablation.py --model toy-shapes-v1 --grids grids/   # also save one grid per row
 
 Prints one JSON line per row (and per curve point) and a markdown table for benchmarks/RESULTS.md.
 """
@@ -15,8 +18,10 @@ import argparse
 import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
+from PIL import Image
 
 from mimic_plugins.toy_shapes import shapes, verifier
 from mimic_plugins.toy_shapes.evaluation import CHECK_QUESTIONS, answer_probability
@@ -27,20 +32,28 @@ from mimic_toolkit.inversion import build_inversion
 from mimic_toolkit.registry import default_registry
 from mimic_toolkit.session import build_config, load_configured
 
-# Each row switches terms on over the previous one, as in the paper's table.
+FULL = ["main", "feature", "patch", "tv_l1", "tv_l2", "l2"]
+GUIDE_SCALE = 3e-4  # R_V's best scale on the first toy (issue 10: 3e-4 of 3e-4..1e-2)
+ENSEMBLE = {"views": 4, "transforms": "crop:0.3-1,shift:4,flip,colour:0.1"}
+# Each row switches terms (and settings) on over the previous one, as in the paper's table.
 ROWS = {
-    "ce": ("CE only", ["main"]),
-    "features": ("+ feature statistics", ["main", "feature"]),
-    "patch": ("+ patch prior", ["main", "feature", "patch"]),
-    "full": ("+ TV/L2 priors (full objective)", ["main", "feature", "patch", "tv_l1", "tv_l2", "l2"]),
+    "ce": ("CE only", ["main"], {}),
+    "features": ("+ feature statistics", ["main", "feature"], {}),
+    "patch": ("+ patch prior", ["main", "feature", "patch"], {}),
+    "full": ("+ TV/L2 priors (full objective)", FULL, {}),
+    "guide": ("+ R_V guide prior", FULL + ["guide"], {}),
+    "views": ("+ 4-view augmentation ensemble", FULL + ["guide"], ENSEMBLE),
 }
 
 
-def invert_concept(adapter, config: InversionConfig, terms, index: int, curve_points=()):
+def invert_concept(adapter, config: InversionConfig, terms, settings, index: int, curve_points=()):
     """Invert one concept; returns (final images in [0, 1], seconds per step, {step: images})."""
     registry = default_registry()
     prompt = format_prompt(adapter, [(shapes.DEFAULT_QUESTION, "a " + shapes.class_name(index))])
-    row_config = replace(config, scales={n: (s if n in terms else 0.0) for n, s in config.scales.items()})
+    scales = {n: (s if n in terms else 0.0) for n, s in config.scales.items()}
+    if "guide" in terms and not scales.get("guide"):  # off in the defaults: the row gives it its scale
+        scales["guide"] = GUIDE_SCALE
+    row_config = replace(config, scales=scales, **settings)
     stats = FeatureStats.find(adapter.spec.stats, adapter.model_id, index) if "feature" in terms else None
     snapshots = {}
     with build_inversion(registry, adapter, prompt, row_config, stats) as inversion:
@@ -76,9 +89,22 @@ def summarise(label, scores, indices, seconds):
             "p_shape_question": mean("p_shape_question"), "ms_per_step": 1000 * seconds}
 
 
+def save_grid(images01: torch.Tensor, path: Path, columns: int = 12) -> None:
+    """One PNG of the images [N, 3, H, W] in rows of `columns`, 2x nearest-upscaled."""
+    rows = -(-len(images01) // columns)
+    padded = torch.cat([images01, images01.new_ones(rows * columns - len(images01), *images01.shape[1:])])
+    _, c, h, w = padded.shape
+    grid = padded.reshape(rows, columns, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, c)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (grid.clamp(0, 1) * 255).round().byte().numpy()
+    Image.fromarray(pixels).resize((columns * w * 2, rows * h * 2), Image.NEAREST).save(path)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--model", default="toy-shapes", help="toy-shapes (grounded) or toy-shapes-v1 (the first toy)")
+    parser.add_argument("--grids", default=None, help="folder to save one PNG grid per row (first image of each concept)")
     parser.add_argument("--concepts", default="all", help="comma-separated class indices, or all")
     parser.add_argument("--steps", type=int, default=None, help="default: the toy model's default iterations")
     parser.add_argument("--curve", default="", help="steps at which to score the full objective, e.g. 25,50,100,200,300")
@@ -93,7 +119,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     registry = default_registry()
-    flags = {"model": "toy-shapes", "seed": args.seed}
+    flags = {"model": args.model, "seed": args.seed}
     if args.steps:
         flags["iterations"] = args.steps
     if args.lr:
@@ -113,21 +139,25 @@ def main():
     curve = sorted(int(s) for s in args.curve.split(",") if s)
     table = []
     for key in args.rows.split(","):
-        label, terms = ROWS[key]
-        scores, seconds, curve_scores = [], 0.0, {s: [] for s in curve}
+        label, terms, settings = ROWS[key]
+        scores, seconds, curve_scores, firsts = [], 0.0, {s: [] for s in curve}, []
+        last_row = key == args.rows.split(",")[-1]
         for index in indices:
-            images, per_step, snaps = invert_concept(adapter, config, terms, index, curve if key == "full" else ())
+            images, per_step, snaps = invert_concept(adapter, config, terms, settings, index, curve if last_row else ())
+            firsts.append(images[0])
             scores.append(score(adapter, classifier, images, index))
             seconds += per_step / len(indices)
             for step, snap in snaps.items():
                 curve_scores[step].append(score(adapter, classifier, snap, index))
         row = summarise(label, scores, indices, seconds)
         table.append(row)
+        if args.grids:
+            save_grid(torch.stack(firsts), Path(args.grids) / f"{args.model}-{key}.png")
         print(json.dumps(row), flush=True)
         for step, rows in curve_scores.items():
             if rows:
                 print(json.dumps({"curve_step": step, **summarise(label, rows, indices, seconds)}), flush=True)
-    print(f"\n{config.iterations} steps, batch {config.batch_size}, lr {config.lr}, jitter {config.jitter}, "
+    print(f"\n{args.model}: {config.iterations} steps, batch {config.batch_size}, lr {config.lr}, jitter {config.jitter}, "
           f"{config.parameterisation} parameterisation, init {config.init}, feature form {config.feature_form}, "
           f"scales {config.scales}\n")
     print("| objective | shape | colour | both | shape, shuffled-target baseline | P(target) | P(shape answer) | ms/step |")

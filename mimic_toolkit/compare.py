@@ -66,7 +66,7 @@ def run_compare(registry: Registry, models: list[str], flags: dict, folder: Path
             given = {**settings[spec.id], "prompts": prompts, **asked}
             try:
                 config = build_config(registry, given)
-                check_inputs(config, spec, terms=registry.objective_specs())
+                check_inputs(config, spec, terms=registry.objective_specs(), registry=registry)
                 source = config.stats or spec.stats
                 uses_stats = active_statistics_terms(config, registry.objective_specs())
                 if len(concepts) > 1 and uses_stats and source and not Path(source).is_dir():

@@ -10,7 +10,7 @@ import yaml
 
 from .errors import UserError
 from .sites import SELECTION_HELP
-from .specs import terms_reading
+from .specs import terms_on
 
 
 MEMORY_SAVING = ("off", "selective", "layers")
@@ -77,6 +77,11 @@ class InversionConfig:
     feature_sites: str | None = setting(
         None, f"Vision-tower sites for the feature statistics: {SELECTION_HELP} (default: the patch embedding and "
         "every layer's MLP).", OBJECTIVE)
+    guide: str = setting("resnet50", "Guide network of the guide term (R_V, a CNN's BatchNorm statistics; "
+                         "plugins add more: register_guides); loaded only while that term's scale is > 0; the "
+                         "model's defaults may name their own.", OBJECTIVE)
+    guide_weights: str | None = setting(None, "Safetensors file of the guide's state dict (default: the guide's own; "
+                                        "resnet50 has none).", OBJECTIVE, path=True)
     device: str = setting("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
     device_map: str | None = setting(None, "auto: spread a model too large for one GPU over all visible GPUs.")
     compile: bool = setting(False, "torch.compile the step (model + objective): faster after a warm-up.")
@@ -123,7 +128,7 @@ class InversionConfig:
             raise UserError(f"feature-form must be 'l2' or 'kl', not '{self.feature_form}'")
         if self.objective_positions not in ("last-prompt", "image"):
             raise UserError(f"objective-positions must be last-prompt or image, not '{self.objective_positions}'")
-        needing = [t for t in terms_reading(known_terms, "lm_objective") if self.scales.get(t)]
+        needing = terms_on(known_terms, "lm_objective", self.scales)
         if needing and not self.objective:
             raise UserError(f"the {needing[0]} term needs --objective concept:FILE:K | neuron:lm.I:J | direction:FILE")
         if (self.question is None) != (self.answer is None):

@@ -2,9 +2,10 @@
 point in the `mimic_toolkit` group; the built-in adapters under `plugins/` use exactly this path.
 
 Two kinds of hook:
-- registration (`register_adapters`, `register_objectives`, `register_commands`): each plugin's
-  implementation is called once and calls `register` once per thing it provides. Records are plain
-  frozen dataclasses (`AdapterSpec`, `ObjectiveSpec`), so listing never imports torch.
+- registration (`register_adapters`, `register_objectives`, `register_guides`, `register_commands`):
+  each plugin's implementation is called once and calls `register` once per thing it provides.
+  Records are plain frozen dataclasses (`AdapterSpec`, `ObjectiveSpec`, `GuideSpec`), so listing
+  never imports torch.
 - the engine's questions (`mimic_load_model`, `mimic_vision_sites`, `mimic_format_prompt`): asked
   whenever the core needs the answer, they stop at the first non-None result. The core's own
   answer (`mimic_toolkit/builtin.py`) is an implementation like any other, marked `trylast`, so a
@@ -62,6 +63,32 @@ def register_objectives(register):
         def register_objectives(register):
             register(ObjectiveSpec(name="brightness", term=mean_brightness, default_scale=0.0,
                                    description="push images towards white"))
+    """
+
+
+@hookspec
+def register_guides(register):
+    """Register guide networks for the `guide` term (R_V, DeepInversion's BatchNorm prior) by
+    calling `register(GuideSpec(...))` once per network.
+
+    A guide is a CNN with BatchNorm layers; the term matches the batch's per-channel mean and
+    variance at each BatchNorm input to that layer's running statistics. `builder` names a callable
+    that returns the module (imported only when a run uses it); its weights come from a safetensors
+    file of its state dict (`weights`, or the user's `--guide-weights`). A run picks one with
+    `--guide ID` (or the model's defaults, `guide: ID`). Example::
+
+        from mimic_toolkit import GuideSpec, hookimpl
+
+        @hookimpl
+        def register_guides(register):
+            register(GuideSpec(
+                id="my-resnet18",
+                builder="my_plugin.guides:resnet18",          # () -> torch.nn.Module
+                weights="/models/resnet18-imagenet.safetensors",
+                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                input_size=224,
+                description="ResNet-18, ImageNet",
+            ))
     """
 
 

@@ -18,6 +18,7 @@ from .adapter import Prompt, VLMAdapter
 from .config import InversionConfig
 from .engine import vision_sites
 from .features import FeatureRecorder
+from .guides import load_guide
 from .lm import LMRecorder
 from .terms import StepContext
 
@@ -40,21 +41,26 @@ class ActiveTerm:
 def build_inversion(registry, adapter: VLMAdapter, prompt: Prompt, config: InversionConfig, stats=None, *,
                     rank: int = 0, lm_objective=None) -> "Inversion":
     """The one way to build an `Inversion` from settings: the config's objective terms at their
-    scales, as the registry's plugins define them (a term at scale 0 is never computed)."""
+    scales, as the registry's plugins define them (a term at scale 0 is never computed), and the
+    config's guide network, which the Inversion loads only when a term on reads it."""
     specs = registry.objective_specs()
     terms = [ActiveTerm.of(specs[name], scale) for name, scale in config.scales.items()]
-    return Inversion(adapter, prompt, config, terms, stats, rank=rank, lm_objective=lm_objective)
+    return Inversion(adapter, prompt, config, terms, stats, rank=rank, lm_objective=lm_objective,
+                     guide=lambda: load_guide(registry, config.guide, config.guide_weights, adapter.device))
 
 
 class Inversion:
     def __init__(self, adapter: VLMAdapter, prompt: Prompt, config: InversionConfig,
-                 terms: list[ActiveTerm], stats=None, rank: int = 0, lm_objective=None):
+                 terms: list[ActiveTerm], stats=None, rank: int = 0, lm_objective=None, guide=None):
         self.adapter, self.prompt, self.config = adapter, prompt, config
         self.terms = [t for t in terms if t.scale != 0]  # a term at scale 0 is never computed
         # Hooks and recomputation are set up once for the whole run (a compiled step must not see
         # them change) and undone by `close`: the adapter is shared by the runs of a sweep.
         self._undo = ExitStack()
         reads = {what for t in self.terms for what in t.reads}  # what the active terms need prepared
+        # `guide`: () -> guides.Guide, called only when a term reads it (its weights may be large);
+        # first, so that a bad weights file fails before any hook is put on the shared model
+        self.guide = self._undo.enter_context(guide()) if guide and "guide" in reads else None
         uses_features = "vision_statistics" in reads
         self.recorder = self._undo.enter_context(
             FeatureRecorder(adapter, config.batch_size * config.views, vision_sites(adapter, config.feature_sites))) \
@@ -62,6 +68,7 @@ class Inversion:
         # an objective term reads the hidden state at its objective's site
         self.lm_objective = lm_objective if "lm_objective" in reads else None
         self.lm_recorder = self._undo.enter_context(LMRecorder(adapter, [lm_objective.site])) if self.lm_objective else None
+        self.normalisation = adapter.normalisation()
         self._undo.enter_context(adapter.activation_checkpointing(config.memory_saving))
         self.objective = torch.compile(self._objective, dynamic=False) if config.compile else self._objective
         self.stats = stats.targets(adapter.device) if stats is not None else None
@@ -99,7 +106,8 @@ class Inversion:
         ctx = StepContext(pixels=pixels, logits=logits, targets=self.targets,
                           features=self.recorder.stats if self.recorder else {}, stats=self.stats,
                           patch_size=self.adapter.patch_size, feature_form=self.config.feature_form,
-                          hidden=self.lm_recorder.hidden if self.lm_recorder else {}, lm_objective=self.lm_objective)
+                          hidden=self.lm_recorder.hidden if self.lm_recorder else {}, lm_objective=self.lm_objective,
+                          normalisation=self.normalisation, guide=self.guide)
         values = {t.name: t.fn(ctx) for t in self.terms}
         return sum(t.scale * values[t.name] for t in self.terms), values, logits
 

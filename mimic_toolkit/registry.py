@@ -17,7 +17,7 @@ import pluggy
 
 from . import builtin, hookspecs
 from .errors import UserError
-from .specs import AdapterSpec, ObjectiveSpec
+from .specs import AdapterSpec, GuideSpec, ObjectiveSpec
 
 ENTRY_POINT_GROUP = "mimic_toolkit"
 
@@ -154,6 +154,20 @@ class Registry:
                                 f"'{specs[spec.name].plugin}' and '{spec.plugin}'")
             specs[spec.name] = spec
         return specs
+
+    # -- guides -------------------------------------------------------------------------------
+    def guide_spec(self, guide_id: str) -> GuideSpec:
+        """The guide network `guide_id` (`register_guides`); two plugins claiming one id, or an
+        unknown id, is one line."""
+        specs: dict[str, GuideSpec] = {}
+        for spec in self._collect("register_guides"):
+            if spec.id in specs:
+                raise UserError(f"guide '{spec.id}' is provided by two plugins: '{specs[spec.id].plugin}' and "
+                                f"'{spec.plugin}'")
+            specs[spec.id] = spec
+        if guide_id not in specs:
+            raise UserError(f"unknown guide '{guide_id}' (known: {', '.join(sorted(specs)) or 'none'})")
+        return specs[guide_id]
 
 
 _FAILED = object()  # a plugin's hook raised: it was reported and unregistered

@@ -17,12 +17,13 @@ from .adapter import checkpoint_source
 from .engine import format_prompt, load_model, meta_adapter, resolve_device, vision_sites
 from .errors import UserError
 from .features import FeatureStats
+from .guides import check_guide
 from .inversion import build_inversion
 from .lm_objective import parse_objective
 from .prompts import IMAGENET_PROMPTS, direct, load_prompts, select
 from .registry import Registry
 from .runfolder import RunFolder, manifest
-from .specs import AdapterSpec, terms_reading
+from .specs import AdapterSpec, terms_on, terms_reading
 from .transforms import from_settings, largest_shift
 
 # Settings that may differ when a run is resumed (they do not change the result).
@@ -77,7 +78,7 @@ def check_same_settings(stored: dict, given: dict, run: str) -> None:
 
 def absolute_inputs(settings: dict) -> dict:
     """Input paths made absolute, so a run's config.yaml works as `--config` from any folder."""
-    paths = {"prompts", "stats"} | ({"checkpoint"} if settings.get("checkpoint") and
+    paths = {"prompts", "stats", "guide_weights"} | ({"checkpoint"} if settings.get("checkpoint") and
                                     Path(settings["checkpoint"]).expanduser().exists() else set())
     return {k: str(Path(v).expanduser().resolve()) if k in paths and v else v for k, v in settings.items()}
 
@@ -136,7 +137,8 @@ def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | 
     """Run (or resume) one inversion; returns the completed run folder. Pass `adapter` to reuse
     a loaded model (a sweep loads it once for all its classes)."""
     spec = registry.adapter_spec(config.model)
-    concept, stats = check_inputs(config, spec, needs_checkpoint=adapter is None, terms=registry.objective_specs())
+    concept, stats = check_inputs(config, spec, needs_checkpoint=adapter is None, terms=registry.objective_specs(),
+                                  registry=registry)
     procs = Processes(config.device)
     run = _run_folder(config, spec, concept, procs, resume)
     try:
@@ -153,7 +155,8 @@ def run_inversion(registry: Registry, config: InversionConfig, *, resume: str | 
             run.create()  # before the try: a folder that was there already is never removed
         try:
             info = _restore(inversion, run) if resume else _start(run, config, adapter, concept, procs,
-                                                                  stats and stats.record(), inversion.targets.tolist())
+                                                                  stats and stats.record(), inversion.targets.tolist(),
+                                                                  inversion.guide and inversion.guide.record())
             first_step, started = inversion.step, time.perf_counter()
             _optimise(inversion, run, config, adapter, progress if procs.rank == 0 else None, stop_requested,
                       procs.rank)
@@ -204,14 +207,14 @@ def _restore(inversion, run: RunFolder) -> dict:
 
 
 def _start(run: RunFolder, config: InversionConfig, adapter, concept, procs: Processes,
-           stats_record: dict | None, target_ids: list[int]) -> dict:
+           stats_record: dict | None, target_ids: list[int], guide_record: dict | None = None) -> dict:
     """A new run: its config and manifest, in the folder `run_inversion` created."""
     if procs.rank == 0:  # reusable as --config: the inputs, not this run's own folder
         run.write_config({k: v for k, v in config.to_dict().items() if k != "outputs"})
     procs.wait()
     info = manifest(config.to_dict(), adapter, procs.device, procs.world_size)
     info.update(concept={"class_index": concept.class_index, "class_name": concept.class_name,
-                         "target": concept.target}, stats=stats_record,
+                         "target": concept.target}, stats=stats_record, guide=guide_record,
                 target_tokens=adapter.tokenizer.convert_ids_to_tokens(target_ids))
     if procs.rank == 0:
         run.write_manifest(info)
@@ -276,10 +279,11 @@ def _stop_if_nonfinite(inversion, run, step: int) -> None:
                         f"the run stopped and {kept}")
 
 
-def check_inputs(config: InversionConfig, spec: AdapterSpec, needs_checkpoint: bool = True, terms: dict | None = None):
+def check_inputs(config: InversionConfig, spec: AdapterSpec, needs_checkpoint: bool = True, terms: dict | None = None,
+                 registry: Registry | None = None):
     """Every input a run reads, checked before any work: (the concept, the feature statistics or
-    None). What is missing or wrong is named all at once, in one error line, so a user fixes it in
-    one go rather than one input per attempt."""
+    None); with `registry`, the guide network's weights too. What is missing or wrong is named all
+    at once, in one error line, so a user fixes it in one go rather than one input per attempt."""
     problems = []
 
     def checked(read, *args):
@@ -294,6 +298,8 @@ def check_inputs(config: InversionConfig, spec: AdapterSpec, needs_checkpoint: b
     _check_shift(config, config.resolution or spec.resolution, problems)
     if config.feature_sites and statistics_terms:
         checked(_check_sites, config, spec)
+    if registry is not None:
+        checked(check_guide, registry, config, terms or _default_terms())
     if needs_checkpoint:
         source = config.checkpoint or spec.checkpoint
         if source:
@@ -327,7 +333,7 @@ def _check_sites(config: InversionConfig, spec: AdapterSpec) -> None:
 
 def active_statistics_terms(config: InversionConfig, terms: dict) -> list[str]:
     """The terms on in `config` that read feature statistics (they need --stats)."""
-    return [t for t in terms_reading(terms, "vision_statistics") if config.scales.get(t)]
+    return terms_on(terms, "vision_statistics", config.scales)
 
 
 def _default_terms() -> dict:

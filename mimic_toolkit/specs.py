@@ -41,8 +41,13 @@ class AdapterSpec:
     plugin: str = ""  # filled in by the registry: the plugin that registered it
 
     def load_class(self):
-        module, _, name = self.adapter.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return load_dotted(self.adapter)
+
+
+def load_dotted(path: str):
+    """The object "package.module:name" names, imported now (so registering never imports it)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,8 @@ class ObjectiveSpec:
     """An objective term: `term(ctx) -> scalar tensor`, weighted by its scale (0 = off).
     `reads` declares what the term looks at beyond the pixels, so the engine prepares exactly that:
     "answer" (the target's logits), "vision_statistics" (the tower's feature statistics and the
-    --stats targets) and "lm_objective" (the hidden state the --objective direction is read at)."""
+    --stats targets), "lm_objective" (the hidden state the --objective direction is read at) and
+    "guide" (the run's guide network, `GuideSpec`, built and loaded only for such a term)."""
 
     name: str
     term: Callable[..., Any]
@@ -81,9 +87,41 @@ class ObjectiveSpec:
             raise ValueError(f"objective term '{self.name}' reads {sorted(unknown)}; known: {', '.join(TERM_INPUTS)}")
 
 
-TERM_INPUTS = ("answer", "vision_statistics", "lm_objective")
+TERM_INPUTS = ("answer", "vision_statistics", "lm_objective", "guide")
 
 
 def terms_reading(specs: dict[str, "ObjectiveSpec"], what: str) -> list[str]:
     """The names of the terms that read `what` (one of TERM_INPUTS)."""
     return [name for name, spec in specs.items() if what in spec.reads]
+
+
+def terms_on(specs: dict[str, "ObjectiveSpec"], what: str, scales: dict[str, float]) -> list[str]:
+    """The terms that read `what` and are on (a non-zero scale) in `scales`."""
+    return [name for name in terms_reading(specs, what) if scales.get(name)]
+
+
+@dataclass(frozen=True)
+class GuideSpec:
+    """A guide network for the `guide` term (R_V, DeepInversion's BatchNorm prior): a CNN whose
+    BatchNorm layers' running statistics describe real images.
+
+    id: the name users give (`--guide ID`).
+    builder: "package.module:callable" returning the `torch.nn.Module` (random weights; the core
+        loads the weights file into it), imported only when a run uses the guide.
+    weights: the default weights file (safetensors, the module's state dict), or None: the user
+        must give `--guide-weights`.
+    mean, std: the input normalisation the network was trained with, per RGB channel.
+    input_size: the side images are resized to before the network sees them; None: as they are.
+    """
+
+    id: str
+    builder: str
+    weights: str | None = None
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    input_size: int | None = None
+    description: str = ""
+    plugin: str = ""  # filled in by the registry
+
+    def build(self):
+        return load_dotted(self.builder)()

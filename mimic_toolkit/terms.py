@@ -1,7 +1,8 @@
 """The objective terms of MIMIC (Jain & Stergiou, 2025), each a function of the step.
 
 L = main * CE + feature * L_base + patch * R_patch + tv_l1 * TV_L1 + tv_l2 * TV_L2 + l2 * L2
-(+ lm * the --objective direction inside the language model, instead of the answer).
+(+ guide * R_V, the guide network's BatchNorm prior, `guides.py`; + lm * the --objective direction
+inside the language model, instead of the answer).
 A term whose scale is 0 is not computed at all.
 """
 from __future__ import annotations
@@ -28,6 +29,9 @@ class StepContext:
     feature_form: "l2" (the paper's L_base) or "kl".
     hidden: LM site -> [B, L, D] hidden states, for the sites the "lm" term's objective reads.
     lm_objective: hidden -> loss, the --objective (see lm_objective.py), or None.
+    normalisation: the model's input normalisation (mean, std), [3, 1, 1] each: pixels * std + mean
+        are the images in [0, 1].
+    guide: images in [0, 1] -> R_V, the run's guide network (`guides.Guide`), or None.
     """
 
     pixels: torch.Tensor
@@ -39,6 +43,8 @@ class StepContext:
     feature_form: str = "l2"
     hidden: dict[str, torch.Tensor] = field(default_factory=dict)
     lm_objective: Callable[[dict], torch.Tensor] | None = None
+    normalisation: tuple[torch.Tensor, torch.Tensor] | None = None
+    guide: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def answer_ce(ctx: StepContext) -> torch.Tensor:
@@ -105,6 +111,15 @@ def lm_direction(ctx: StepContext) -> torch.Tensor:
     return ctx.lm_objective(ctx.hidden)
 
 
+def guide_prior(ctx: StepContext) -> torch.Tensor:
+    """R_V: the guide network's BatchNorm statistics of this step's images (in the guide's own
+    normalisation) against its running statistics."""
+    if ctx.guide is None:
+        raise ValueError("the guide term needs a guide network (--guide; or set its scale to 0)")
+    mean, std = ctx.normalisation
+    return ctx.guide(ctx.pixels * std + mean)  # not clamped: the pixels stay in the box, the gradient flows
+
+
 # Default scales are the reference's (LLaVA-Llama-3); each adapter may declare its own.
 BUILTIN_TERMS = (
     ObjectiveSpec("main", answer_ce, 0.005, "cross-entropy of the target answer tokens", reads=("answer",)),
@@ -114,6 +129,8 @@ BUILTIN_TERMS = (
     ObjectiveSpec("tv_l1", tv_l1, 7e-4, "total variation, L1"),
     ObjectiveSpec("tv_l2", tv_l2, 4e-4, "total variation, L2"),
     ObjectiveSpec("l2", l2_norm, 3e-4, "image L2 norm"),
+    ObjectiveSpec("guide", guide_prior, 0.0, "R_V: a guide CNN's BatchNorm statistics vs. its running ones "
+                  "(--guide; MIMIC's reference: 0.004)", reads=("guide",)),
     ObjectiveSpec("lm", lm_direction, 0.0, "a direction inside the LM (--objective; then on, and main off)",
                   reads=("lm_objective",)),
 )

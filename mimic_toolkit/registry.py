@@ -145,29 +145,27 @@ class Registry:
             raise UserError("no model is marked as the default: name one with --model (`mimic models` lists them)")
         return found
 
-    # -- objectives ---------------------------------------------------------------------------
+    # -- objectives and guides ----------------------------------------------------------------
     def objective_specs(self) -> dict[str, ObjectiveSpec]:
-        specs: dict[str, ObjectiveSpec] = {}
-        for spec in self._collect("register_objectives"):
-            if spec.name in specs:
-                raise UserError(f"objective term '{spec.name}' is provided by two plugins: "
-                                f"'{specs[spec.name].plugin}' and '{spec.plugin}'")
-            specs[spec.name] = spec
-        return specs
+        return self._unique("register_objectives", "name", "objective term")
 
-    # -- guides -------------------------------------------------------------------------------
     def guide_spec(self, guide_id: str) -> GuideSpec:
-        """The guide network `guide_id` (`register_guides`); two plugins claiming one id, or an
-        unknown id, is one line."""
-        specs: dict[str, GuideSpec] = {}
-        for spec in self._collect("register_guides"):
-            if spec.id in specs:
-                raise UserError(f"guide '{spec.id}' is provided by two plugins: '{specs[spec.id].plugin}' and "
-                                f"'{spec.plugin}'")
-            specs[spec.id] = spec
+        """The guide network `guide_id` (`register_guides`); an unknown id is one line."""
+        specs = self._unique("register_guides", "id", "guide")
         if guide_id not in specs:
             raise UserError(f"unknown guide '{guide_id}' (known: {', '.join(sorted(specs)) or 'none'})")
         return specs[guide_id]
+
+    def _unique(self, hook_name: str, key: str, what: str) -> dict:
+        """A registration hook's records by their `key` field; a name two plugins claim is one line."""
+        specs = {}
+        for spec in self._collect(hook_name):
+            name = getattr(spec, key)
+            if name in specs:
+                raise UserError(f"{what} '{name}' is provided by two plugins: '{specs[name].plugin}' and "
+                                f"'{spec.plugin}'")
+            specs[name] = spec
+        return specs
 
 
 _FAILED = object()  # a plugin's hook raised: it was reported and unregistered

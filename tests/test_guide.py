@@ -10,8 +10,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mimic_plugins.toy_shapes.guide import ToyGuide, train_guide
-from mimic_toolkit import inversion as inversion_module
+from mimic_toolkit import hookimpl, inversion as inversion_module
 from mimic_toolkit.config import resolve
+from mimic_toolkit.errors import UserError
 from mimic_toolkit.guides import Guide, read_weights
 from mimic_toolkit.inversion import build_inversion
 from mimic_toolkit.registry import build_registry
@@ -117,6 +118,23 @@ def test_a_bad_weights_file_is_one_line_and_exit_2(tmp_path, make, fragment):
 def test_resnet50_without_weights_says_so(tmp_path):
     result = invoke(*RUN, "--outputs", tmp_path / "run", "--scale", "guide=0.001", "--guide", "resnet50")
     fails(result, "guide 'resnet50' has no default weights", "--guide-weights")
+
+
+def test_an_unknown_guide_is_one_line(tmp_path):
+    result = invoke(*RUN, "--outputs", tmp_path / "run", "--scale", "guide=0.001", "--guide", "resnet-51")
+    fails(result, "unknown guide 'resnet-51'", "resnet50", "toy-shapes-guide")
+
+
+class Clashing:
+    @staticmethod
+    @hookimpl
+    def register_guides(register):
+        register(GuideSpec(id="resnet50", builder="mimic_toolkit.resnet:resnet50"))
+
+
+def test_a_guide_id_two_plugins_register_is_refused_naming_both():
+    with pytest.raises(UserError, match="guide 'resnet50' is provided by two plugins: 'clash' and 'core'"):
+        build_registry({"clash": Clashing}).guide_spec("resnet50")
 
 
 def test_resnet50_has_torchvisions_keys_and_parameter_count(tmp_path):

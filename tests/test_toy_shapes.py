@@ -86,7 +86,9 @@ def test_shipped_checkpoint_generates_the_description():
 
 def test_shipped_verifier_is_accurate():
     accuracy = verifier.accuracy(verifier.load_verifier(), seed=2024, n=200)
-    assert accuracy["both"] >= 0.95, accuracy
+    assert accuracy["clean"]["both"] >= 0.97, accuracy
+    # the defects inverted images have, and the other drawing styles: 0.97-1.00 measured at n=1000
+    assert min(row["both"] for row in accuracy.values()) >= 0.9, accuracy
 
 
 def test_tiny_training_lowers_the_loss(tmp_path):

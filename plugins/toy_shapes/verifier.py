@@ -1,5 +1,9 @@
 """An independent judge of inverted images: a small CNN (not the VLM) that names shape and colour.
 
+It trains only on generator images, in all the styles of `shapes.STYLES` that have a shape, and
+half of each batch with one of the defects inverted images have (`CORRUPTIONS`: speckle, pixel
+noise, blur, ragged edges, halos), so it judges an inversion's shape, not its texture.
+
     mimic toy train-verifier   # writes plugins/toy_shapes/verifier.safetensors
 """
 
@@ -18,6 +22,55 @@ from . import shapes
 
 WEIGHTS = Path(__file__).with_name("verifier.safetensors")
 TRAIN_STREAM, HELD_OUT_STREAM = 10, 11  # image streams of their own, apart from the VLM's
+SHAPE_STYLES = {style: weight for style, weight in shapes.GROUNDED_MIX.items() if style != "none"}
+
+
+def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, math.ceil(2.5 * sigma))
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1) / sigma) ** 2)
+    taps = (taps / taps.sum()).to(images)
+    channels = images.shape[1]
+    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    rows = F.conv2d(padded, taps.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
+    return F.conv2d(rows, taps.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
+
+
+def _speckle(images, g):
+    """A few percent of the pixels set to random colours."""
+    hit = torch.rand(images.shape[0], 1, *images.shape[2:], generator=g) < 0.02 + 0.08 * torch.rand(1, generator=g)
+    return torch.where(hit, torch.rand(images.shape, generator=g), images)
+
+
+def _noise(images, g):
+    return images + torch.randn(images.shape, generator=g) * (0.05 + 0.15 * torch.rand(1, generator=g))
+
+
+def _blur(images, g):
+    return _gaussian_blur(images, 0.5 + 1.5 * torch.rand(1, generator=g).item())
+
+
+def _ragged(images, g):
+    """Pixels moved by a rough random field of up to ~2 px, so every edge frays."""
+    size = images.shape[-1]
+    field = F.interpolate(torch.randn(images.shape[0], 2, size // 4, size // 4, generator=g), size=(size, size),
+                          mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    identity = F.affine_grid(torch.eye(2, 3).expand(images.shape[0], 2, 3), images.shape, align_corners=False)
+    return F.grid_sample(images, identity + field * (2.0 / size) * (1 + torch.rand(1, generator=g)),
+                         padding_mode="reflection", align_corners=False)
+
+
+def _halo(images, g):
+    """A glow of the image's own colours around every object."""
+    glow = _gaussian_blur(images, 2 + 2 * torch.rand(1, generator=g).item())
+    return torch.maximum(images, glow * (0.6 + 0.4 * torch.rand(1, generator=g)))
+
+
+# The defects inverted images show; applied to half of each training batch (still generator images).
+CORRUPTIONS = {"speckle": _speckle, "noise": _noise, "blur": _blur, "ragged": _ragged, "halo": _halo}
+
+
+def corrupt(images: torch.Tensor, name: str, g: torch.Generator) -> torch.Tensor:
+    return CORRUPTIONS[name](images, g).clamp(0, 1)
 
 
 def _block(inputs: int, outputs: int, stride: int = 1) -> nn.Sequential:
@@ -46,10 +99,7 @@ def _labels(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return classes // len(shapes.COLOURS), classes % len(shapes.COLOURS)
 
 
-@torch.no_grad()
-def accuracy(model: Verifier, *, seed: int = 0, n: int = 1000) -> dict[str, float]:
-    """Held-out accuracy on fresh images: shape, colour and both right."""
-    images, classes = shapes.sample((seed, HELD_OUT_STREAM), n)
+def _right(model: Verifier, images: torch.Tensor, classes: torch.Tensor) -> dict[str, float]:
     shape_probs, colour_probs = predict(images, model)
     shape_right = shape_probs.argmax(-1) == _labels(classes)[0]
     colour_right = colour_probs.argmax(-1) == _labels(classes)[1]
@@ -57,14 +107,33 @@ def accuracy(model: Verifier, *, seed: int = 0, n: int = 1000) -> dict[str, floa
             "both": (shape_right & colour_right).float().mean().item()}
 
 
-def train_verifier(out_path=WEIGHTS, *, seed: int = 0, steps: int = 1200, batch: int = 64, lr: float = 3e-3) -> dict:
+@torch.no_grad()
+def accuracy(model: Verifier, *, seed: int = 0, n: int = 1000) -> dict[str, dict[str, float]]:
+    """Held-out accuracy (shape, colour, both right) on fresh filled shapes ("clean"), on each
+    corruption of them and on each other drawing style."""
+    images, classes = shapes.sample((seed, HELD_OUT_STREAM), n)
+    g = torch.Generator().manual_seed(seed)
+    table = {"clean": _right(model, images, classes)}
+    table.update({name: _right(model, corrupt(images, name, g), classes) for name in CORRUPTIONS})
+    for k, style in enumerate(SHAPE_STYLES):
+        if style != "filled":
+            styled, styled_classes, _ = shapes.sample((seed, HELD_OUT_STREAM, k), n, {style: 1.0})
+            table[style] = _right(model, styled, styled_classes)
+    return table
+
+
+def train_verifier(out_path=WEIGHTS, *, seed: int = 0, steps: int = 3000, batch: int = 64, lr: float = 3e-3) -> dict:
     """Train on fresh images each step (AdamW, cosine), save the weights, return held-out accuracy."""
     torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     model = Verifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    names = list(CORRUPTIONS)
     for step in range(steps):
-        images, classes = shapes.sample((seed, TRAIN_STREAM, step), batch)
+        images, classes, _ = shapes.sample((seed, TRAIN_STREAM, step), batch, SHAPE_STYLES)
+        half = batch // 2  # the first half of the batch gets one defect, the rest stays as drawn
+        images = torch.cat([corrupt(images[:half], names[step % len(names)], g), images[half:]])
         shape_logits, colour_logits = model(images)
         shape_labels, colour_labels = _labels(classes)
         loss = F.cross_entropy(shape_logits, shape_labels) + F.cross_entropy(colour_logits, colour_labels)

@@ -20,22 +20,31 @@ def train_command(
     layout: str = typer.Option("llava", help="llava (CLIP + Llama: toy-shapes) or qwen2-vl (Qwen2-VL's tower "
                                "with its 2x2 merge + Qwen2: toy-shapes-qwen)."),
     batch: Optional[int] = typer.Option(None, min=1, help="Images per step (default: the recipe's)."),
+    vision_lr: Optional[float] = typer.Option(None, help="Peak learning rate of the vision stage (default: the "
+                                              "recipe's, 3e-3; lower it to go on from --init)."),
+    init: Optional[Path] = typer.Option(None, help="Start from this trained toy checkpoint (same layout and "
+                                        "sizes) instead of from scratch; new words start fresh."),
 ):
-    """Train the toy VLM from scratch on CPU (seeded); prints held-out accuracy per question type
-    and writes it to training.json beside the checkpoint."""
+    """Train the toy VLM on CPU (seeded), from scratch or on from --init; prints held-out accuracy
+    per image style and question type and writes it to training.json beside the checkpoint."""
     import torch
+
+    from mimic_toolkit.errors import UserError
 
     from .train import train
 
     torch.set_num_threads(threads)
-    steps = {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch}
-    train(out, seed=seed, layout=layout, **{k: v for k, v in steps.items() if v is not None})
+    steps = {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch, "vision_lr": vision_lr}
+    if init is not None and not (init / "config.json").is_file():
+        raise UserError(f"--init {init}: no checkpoint there (config.json missing)")
+    train(out, seed=seed, layout=layout, init=init, **{k: v for k, v in steps.items() if v is not None})
 
 
 @toy.command("train-icl")
 def train_icl_command(
     out: Path = typer.Option(HERE / "checkpoint-icl", help="Checkpoint folder to write."),
-    base: Path = typer.Option(HERE / "checkpoint", help="The toy-shapes checkpoint to start from."),
+    base: Path = typer.Option(HERE / "checkpoint-v1", help="The toy checkpoint to start from (the shipped "
+                              "toy-shapes-icl went on from toy-shapes-v1)."),
     seed: int = typer.Option(0),
     steps: Optional[int] = typer.Option(None, help="Fine-tuning steps (default: the recipe's)."),
     threads: int = typer.Option(1, help="1 is fastest when other work shares the cores."),
@@ -104,6 +113,23 @@ def train_verifier_command(out: Path = typer.Option(HERE / "verifier.safetensors
 
     torch.set_num_threads(threads)
     typer.echo(train_verifier(out, seed=seed, **({"steps": steps} if steps else {})))
+
+
+@toy.command("train-guide")
+def train_guide_command(out: Path = typer.Option(HERE / "guide.safetensors", help="Weights file to write "
+                                                 "(guide_training.json is written beside it)."),
+                        seed: int = typer.Option(0),
+                        steps: Optional[int] = typer.Option(None, min=1, help="Training steps (default: the recipe's)."),
+                        threads: int = typer.Option(1, help="1 is fastest when other work shares the cores.")):
+    """Train toy-shapes-guide, the BatchNorm CNN whose running statistics the guide term (R_V) matches."""
+    import json
+
+    import torch
+
+    from .guide import train_guide
+
+    torch.set_num_threads(threads)
+    typer.echo(json.dumps(train_guide(out, seed=seed, **({"steps": steps} if steps else {}))))
 
 
 @toy.command("stats")

@@ -7,7 +7,7 @@ the same code path as the 8B model. Commands: `mimic toy train|train-verifier|st
 """
 from pathlib import Path
 
-from mimic_toolkit import AdapterSpec, hookimpl
+from mimic_toolkit import AdapterSpec, GuideSpec, hookimpl
 
 HERE = Path(__file__).parent
 # Small model, small image: a few hundred steps suffice (benchmarks/RESULTS.md, "Toy-shapes
@@ -15,6 +15,7 @@ HERE = Path(__file__).parent
 # feature statistics measured best there (colour recovered; shape is not, see RESULTS.md).
 TOY_DEFAULTS = {"iterations": 300, "batch_size": 4, "lr": 0.05, "min_lr": 1e-4, "jitter": 4, "flip": True,
                 "parameterisation": "fourier", "feature_form": "kl",
+                "guide": "toy-shapes-guide",  # used only when the guide term is on (--scale guide=...)
                 "log_every": 25, "grid_every": 100, "checkpoint_every": 100,
                 "scales": {"main": 1.0, "feature": 0.01, "patch": 0.05, "tv_l1": 0.05, "tv_l2": 0.05, "l2": 0.0}}
 
@@ -34,7 +35,21 @@ def register_adapters(register):
         default=True,
         tested_transformers="5.17, 5.24",
     ))
-    # toy-shapes fine-tuned to learn from text demonstrations in context (`mimic toy train-icl`),
+    # The first toy-shapes, trained on filled shapes only: it answers "circle" with no evidence and
+    # "cross" for texture, so its inversions show colour, not shape. Kept to compare against (and
+    # toy-shapes went on from it: `mimic toy train --init`).
+    register(AdapterSpec(
+        id="toy-shapes-v1",
+        adapter="mimic_plugins.llava_llama3.adapter:LlavaLlama3Adapter",
+        resolution=64,
+        checkpoint=str(HERE / "checkpoint-v1"),
+        prompts=str(HERE / "prompts.json"),
+        stats=str(HERE / "stats-v1"),
+        defaults=TOY_DEFAULTS,
+        description="the first toy-shapes (filled shapes only, not grounded), kept for comparison",
+        tested_transformers="5.17, 5.24",
+    ))
+    # toy-shapes-v1 fine-tuned to learn from text demonstrations in context (`mimic toy train-icl`),
     # for `mimic icl`: the same adapter, its own checkpoint.
     register(AdapterSpec(
         id="toy-shapes-icl",
@@ -62,6 +77,14 @@ def register_adapters(register):
         description="bundled 64 px shapes VLM (Qwen2-VL layout: 2x2 merge, M-RoPE; trained here)",
         tested_transformers="5.24",
     ))
+
+
+@hookimpl
+def register_guides(register):
+    # the guide term's BatchNorm CNN for the toys' 64 px images (`mimic toy train-guide`)
+    register(GuideSpec(id="toy-shapes-guide", builder="mimic_plugins.toy_shapes.guide:build",
+                       weights=str(HERE / "guide.safetensors"), input_size=64,
+                       description="4-block BatchNorm CNN trained on the generator to name the 24 concepts"))
 
 
 @hookimpl

@@ -18,6 +18,16 @@ from .config import TRANSFORMS_HELP as HELP
 from .errors import UserError
 
 
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A separable Gaussian blur of [B, C, H, W] (reflect-padded), radius 2.5 sigma."""
+    radius = max(1, math.ceil(2.5 * sigma))
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=images.device) / sigma) ** 2)
+    taps = (taps / taps.sum()).to(images.dtype)
+    channels = images.shape[1]
+    padded = F.pad(images, (radius,) * 4, mode="reflect")
+    rows = F.conv2d(padded, taps.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(rows, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
 
 @dataclass(frozen=True)
 class Shift:
@@ -71,6 +81,17 @@ class Colour:
         return low + gain * (images - low) + offset * (high - low)
 
 
+@dataclass(frozen=True)
+class Blur:
+    """A Gaussian blur of sigma 0..S px: the model sees no detail finer than the view allows, so
+    pixel-level patterns get no gradient and the image priors clear them."""
+    sigma: float
+
+    def __call__(self, images, generator, box):
+        sigma = self.sigma * torch.rand((), generator=generator).item()
+        return gaussian_blur(images, sigma) if sigma > 0.1 else images
+
+
 def parse(spec: str) -> tuple:
     """'crop:0.3-1,shift:4,flip,colour:0.1' -> the transforms, applied in that order."""
     out = []
@@ -103,6 +124,11 @@ def _build(name: str, arg: str):
         if not 0 <= strength < 1:
             raise ValueError
         return Colour(strength)
+    if name == "blur":
+        sigma = float(arg)
+        if not 0 < sigma <= 8:
+            raise ValueError
+        return Blur(sigma)
     raise ValueError
 
 

@@ -17,20 +17,25 @@ def test_the_spec_parses_into_values_in_order_and_a_bad_item_is_one_line():
     parsed = transforms.parse("crop:0.3-1, shift:4,flip,colour:0.1")
     assert parsed == (transforms.Crop(0.3, 1.0), transforms.Shift(4), transforms.Flip(), transforms.Colour(0.1))
     assert transforms.largest_shift(parsed) == 4
-    for bad in ("crop:0.5", "crop:0-1", "shift:-1", "colour:1.5", "rotate:10", "flip:2"):
+    assert transforms.parse("blur:1.5") == (transforms.Blur(1.5),)
+    for bad in ("crop:0.5", "crop:0-1", "shift:-1", "colour:1.5", "rotate:10", "flip:2", "blur:0", "blur:x"):
         with pytest.raises(UserError, match=f"transform '{bad}' is not one of"):
             transforms.parse(bad)
 
 
 def test_each_transform_keeps_the_shape_and_draws_only_from_the_generator():
     images = torch.rand(2, 3, 16, 16)
-    for transform in transforms.parse("crop:0.3-0.6,shift:3,flip,colour:0.2"):
+    for transform in transforms.parse("crop:0.3-0.6,shift:3,flip,colour:0.2,blur:2"):
         a = transform(images, torch.Generator().manual_seed(1), BOX)
         b = transform(images, torch.Generator().manual_seed(1), BOX)
         assert a.shape == images.shape and torch.equal(a, b)
     assert torch.equal(transforms.Colour(0.0)(images, torch.Generator(), BOX), images)
     full = transforms.Crop(1.0, 1.0)(images, torch.Generator().manual_seed(0), BOX)
     assert torch.allclose(full, images, atol=1e-6)  # the whole image, resized to itself
+    # a blur keeps the mean and removes the finest detail: a checkerboard turns nearly flat
+    checker = (torch.arange(16)[:, None] + torch.arange(16)[None]).remainder(2).float().expand(1, 3, 16, 16)
+    blurred = transforms.gaussian_blur(checker, 1.5)
+    assert abs(blurred.mean() - 0.5) < 0.01 and blurred.std() < 0.05 * checker.std()
     views = transforms.augment(images, transforms.parse("shift:3"), 4, torch.Generator().manual_seed(0), BOX)
     assert views.shape == (8, 3, 16, 16) and not torch.equal(views[:2], views[2:4])  # each view draws anew
 

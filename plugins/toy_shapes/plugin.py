@@ -2,8 +2,8 @@
 `mimic invert` works out of the box and inversion quality can be measured against known truth.
 
 Registered like any plugin. Its adapter is the LLaVA-Llama-3 adapter itself: the toy exercises
-the same code path as the 8B model. Commands: `mimic toy train|train-verifier|stats` and
-`mimic evaluate`.
+the same code path as the 8B model. Commands: `mimic toy train|train-verifier|train-guide|stats|
+images|dataset` and `mimic evaluate`.
 """
 from pathlib import Path
 

@@ -17,22 +17,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mimic_toolkit.atomic import atomic_file
+from mimic_toolkit.transforms import gaussian_blur
 
 from . import shapes
 
 WEIGHTS = Path(__file__).with_name("verifier.safetensors")
 TRAIN_STREAM, HELD_OUT_STREAM = 10, 11  # image streams of their own, apart from the VLM's
 SHAPE_STYLES = {style: weight for style, weight in shapes.GROUNDED_MIX.items() if style != "none"}
-
-
-def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, math.ceil(2.5 * sigma))
-    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1) / sigma) ** 2)
-    taps = (taps / taps.sum()).to(images)
-    channels = images.shape[1]
-    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
-    rows = F.conv2d(padded, taps.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
-    return F.conv2d(rows, taps.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
 
 
 def _speckle(images, g):
@@ -46,7 +37,7 @@ def _noise(images, g):
 
 
 def _blur(images, g):
-    return _gaussian_blur(images, 0.5 + 1.5 * torch.rand(1, generator=g).item())
+    return gaussian_blur(images, 0.5 + 1.5 * torch.rand(1, generator=g).item())
 
 
 def _ragged(images, g):
@@ -61,7 +52,7 @@ def _ragged(images, g):
 
 def _halo(images, g):
     """A glow of the image's own colours around every object."""
-    glow = _gaussian_blur(images, 2 + 2 * torch.rand(1, generator=g).item())
+    glow = gaussian_blur(images, 2 + 2 * torch.rand(1, generator=g).item())
     return torch.maximum(images, glow * (0.6 + 0.4 * torch.rand(1, generator=g)))
 
 

@@ -72,7 +72,23 @@ def test_shipped_checkpoint_loads_offline():
 def test_shipped_checkpoint_answers_held_out_images():
     adapter = LlavaLlama3Adapter.load(str(CHECKPOINT))
     accuracy = train.evaluate(adapter, seed=2024, n=50, batch=50)
-    assert min(accuracy.values()) >= 0.95, accuracy
+    assert set(accuracy) == set(shapes.STYLES), accuracy
+    # measured at n=400 (training.json): filled 0.98-1.00, no shape 1.00, blurred / noisy / faint
+    # 0.945-1.00, outlines 0.71-0.76 shape (0.36 for toy-shapes-v1); n=50 here, hence the slack
+    for style, least in {"filled": 0.94, "none": 0.94, "blurred": 0.88, "noisy": 0.88, "faint": 0.88, "outline": 0.55}.items():
+        assert min(accuracy[style].values()) >= least, (style, accuracy[style])
+
+
+def test_shipped_checkpoint_says_none_when_there_is_no_shape():
+    """A flat red frame was "a red square" to toy-shapes-v1, pixel noise a cross: now "none"."""
+    from mimic_plugins.toy_shapes.evaluation import answer_probability
+
+    adapter = LlavaLlama3Adapter.load(str(CHECKPOINT))
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).expand(2, 3, 64, 64)
+    noise = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for images in (red, noise):
+        assert (answer_probability(adapter, images, "What shape is in the image?", "none") > 0.5).all()
+        assert (answer_probability(adapter, images, shapes.DEFAULT_QUESTION, "nothing") > 0.5).all()
 
 
 def test_shipped_checkpoint_generates_the_description():

@@ -21,6 +21,7 @@ answers depend on the shape's geometry rather than on colour or texture (issue 1
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -298,6 +299,15 @@ def warm_start(model, tokenizer, init_dir) -> None:
             embedding[index] = old_embedding[old_vocab[token]]
 
 
+def _init_record(init) -> dict | None:
+    """Where the training went on from, with that checkpoint's own training.json, so the whole
+    chain of recipes stays readable beside the final checkpoint."""
+    if init is None:
+        return None
+    record = Path(init) / "training.json"
+    return {"checkpoint": str(init), "training": json.loads(record.read_text()) if record.is_file() else None}
+
+
 def trainable_adapter(tokenizer, model, layout: str = "llava"):
     """The toolkit's adapter around a model to train (the adapter freezes its model for inversion)."""
     adapter = LAYOUTS[layout][2](model, tokenizer)
@@ -330,7 +340,8 @@ def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: i
     adapter.model.eval()
     accuracy = evaluate(adapter, n=eval_images)
     report = {
-        "layout": layout, "seed": seed, "init": str(init) if init is not None else None, "minutes": round(minutes, 2), "threads": torch.get_num_threads(),
+        "layout": layout, "seed": seed, "init": _init_record(init), "minutes": round(minutes, 2),
+        "threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in adapter.model.parameters()),
         "recipe": {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch,
                    "vision_lr": vision_lr, "language_lr": language_lr, "tower_lr": tower_lr,

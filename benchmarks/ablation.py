@@ -92,6 +92,7 @@ def summarise(label, scores, indices, seconds):
 
 def save_grid(images01: torch.Tensor, path: Path, columns: int = 12) -> None:
     """One PNG of the images [N, 3, H, W] in rows of `columns`, 2x nearest-upscaled."""
+    columns = min(columns, len(images01))
     rows = -(-len(images01) // columns)
     padded = torch.cat([images01, images01.new_ones(rows * columns - len(images01), *images01.shape[1:])])
     _, c, h, w = padded.shape

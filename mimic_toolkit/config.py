@@ -62,7 +62,8 @@ class InversionConfig:
     lr: float = setting(0.3, "Initial learning rate (cosine decay).", OPTIMISATION)
     min_lr: float = setting(1e-5, "Final learning rate.", OPTIMISATION)
     # below the image side too (a reflect pad must be smaller than the image): checked with the resolution
-    jitter: int = setting(30, "Random shift in pixels (reflect-padded).", OPTIMISATION, valid=(0, None))
+    jitter: int = setting(30, "Random shift in pixels (reflect-padded). Given without --transforms, it (or "
+                                     "--flip) replaces a model's default --transforms.", OPTIMISATION, valid=(0, None))
     flip: bool = setting(True, "Random horizontal flips.", OPTIMISATION)
     transforms: str | None = setting(None, f"Augmentations: {TRANSFORMS_HELP}.", OPTIMISATION)
     views: int = setting(1, "Augmented views of each image per step, losses averaged (an augmentation ensemble).",

@@ -62,6 +62,8 @@ def build_config(registry: Registry, flags: dict, config_file: str | None = None
                                   **{t: 1.0 for t in terms_reading(terms, "lm_objective")}}} \
         if given.get("objective") else {}
     config = resolve([term_layer, model_layer, objective_layer, given])
+    if {"jitter", "flip"} & set(given) and "transforms" not in given:
+        config.transforms = None  # the classic shift-and-flip asked for wins over a model's default --transforms
     config.model = spec.id
     config.validate(terms)
     return config

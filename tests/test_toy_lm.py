@@ -1,4 +1,4 @@
-"""Inside the bundled toy-shapes model, where the truth is known (issue 6's checks): concepts of
+"""Inside the bundled toy-shapes-v1 model, where the truth is known (issue 6's checks): concepts of
 colour words separate the generator's colours, a red-to-blue steering vector flips the colour and
 leaves the shape, and inverting a colour concept paints that colour.
 
@@ -20,7 +20,10 @@ from mimic_toolkit.decompose import fit, purity
 from mimic_toolkit.lm import PositionPolicy
 from mimic_toolkit.steer import build_vector, steer_answers
 
-CHECKPOINT = Path(shapes.__file__).with_name("checkpoint")
+CHECKPOINT = Path(shapes.__file__).with_name("checkpoint-v1")
+# The first toy, where these values were measured (README). On the grounded toy-shapes the same
+# red-to-blue vector at lm.0 flips the colour but also every shape answer (kept 0.00 at alpha 0.8).
+MODEL = "toy-shapes-v1"
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").is_file(), reason="no toy checkpoint")]
 COLOUR_Q, SHAPE_Q, DESCRIBE_Q = "What colour is the shape?", "What shape is in the image?", shapes.DEFAULT_QUESTION
@@ -32,7 +35,7 @@ HUES = {"red": 0, "yellow": 60, "green": 120, "cyan": 180, "blue": 240, "magenta
 def toy():
     from mimic_toolkit.engine import load_model
 
-    return load_model("toy-shapes", device="cpu")
+    return load_model(MODEL, device="cpu")
 
 
 def draw(folder: Path, colours, question: str, per_shape: int, seed: int) -> list[Sample]:
@@ -70,7 +73,7 @@ def colour_words(toy, tmp_path_factory):
     predicts the colour word of the answer."""
     folder = tmp_path_factory.mktemp("toy-colours")
     samples = draw(folder / "images", shapes.COLOURS, COLOUR_Q, 3, seed=0)
-    return Features.load(capture(toy, "toy-shapes", samples, "lm.0", COLOUR_WORDS, folder / "features"))
+    return Features.load(capture(toy, MODEL, samples, "lm.0", COLOUR_WORDS, folder / "features"))
 
 
 @pytest.mark.parametrize("method", ["snmf", "kmeans"])
@@ -87,7 +90,7 @@ def test_colour_word_concepts_are_pure_and_grounded_in_their_colour(toy, colour_
 
 def test_shape_word_concepts_separate_the_shapes_after_layer_1(toy, tmp_path):
     samples = draw(tmp_path / "images", shapes.COLOURS, SHAPE_Q, 3, seed=5)
-    features = Features.load(capture(toy, "toy-shapes", samples, "lm.1", Selector("word", shapes.SHAPES),
+    features = Features.load(capture(toy, MODEL, samples, "lm.1", Selector("word", shapes.SHAPES),
                                      tmp_path / "features"))
     rows, labels = features.matrix(), [e["labels"]["shape"] for e in features.index]
     for method in ("snmf", "kmeans"):
@@ -99,8 +102,8 @@ def test_shape_word_concepts_separate_the_shapes_after_layer_1(toy, tmp_path):
 def test_a_red_to_blue_vector_flips_the_colour_and_keeps_the_shape(toy, tmp_path):
     red = draw(tmp_path / "red", ["red"], COLOUR_Q, 6, seed=1)
     blue = draw(tmp_path / "blue", ["blue"], COLOUR_Q, 6, seed=2)
-    base = Features.load(capture(toy, "toy-shapes", red, "lm.0", Selector("word", ("red",)), tmp_path / "fr"))
-    target = Features.load(capture(toy, "toy-shapes", blue, "lm.0", Selector("word", ("blue",)), tmp_path / "fb"))
+    base = Features.load(capture(toy, MODEL, red, "lm.0", Selector("word", ("red",)), tmp_path / "fr"))
+    target = Features.load(capture(toy, MODEL, blue, "lm.0", Selector("word", ("blue",)), tmp_path / "fb"))
     vector, _ = build_vector(base, target)
     held_out = draw(tmp_path / "test", ["red"], COLOUR_Q, 12, seed=3)  # 48 red shapes
 
@@ -140,9 +143,12 @@ def test_inverting_a_colour_concept_paints_that_colour(toy, colour_words, tmp_pa
     dominated = 0
     for card in cards:
         colour = card["words"][0]
-        config = build_config(registry, {"model": "toy-shapes", "objective": f"concept:{folder}:{card['concept']}",
+        config = build_config(registry, {"model": MODEL, "objective": f"concept:{folder}:{card['concept']}",
                                          "question": COLOUR_Q, "answer": colour, "iterations": 600, "batch_size": 1,
-                                         "seed": 0, "outputs": str(tmp_path / colour), "scales": {"feature": 0.0}})
+                                         "seed": 0, "outputs": str(tmp_path / colour),
+                                         # the first toy's inversion settings, which the README's values used
+                                         "lr": 0.05, "jitter": 4, "views": 1,
+                                         "scales": {"feature": 0.0, "tv_l1": 0.05, "tv_l2": 0.05}})
         run = run_inversion(registry, config)
         image = torch.from_numpy(np.array(Image.open(run / "images" / "00.png").convert("RGB"))).permute(2, 0, 1)
         shares = {name: float(value[0]) for name, value in hue_shares(image[None].float() / 255).items()}

@@ -41,7 +41,7 @@ def inputs(n: int, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor 
     kinds = {
         "flat grey, black or white": (_flat([(0.5,) * 3, (0.0,) * 3, (1.0,) * 3], n, rng), None),
         "flat saturated colour (a red, green, ... frame)": (_flat(list(shapes.COLOUR_RGB.values()), n, rng), None),
-        "the generator's backgrounds, no shape": (np.stack([shapes._background(rng) for _ in range(n)]), None),
+        "the generator's backgrounds, no shape": (np.stack([shapes.background(rng) for _ in range(n)]), None),
         "uniform pixel noise": (rng.uniform(0, 1, size).astype(np.float32), None),
         "grey + N(0, 0.1)": (np.clip(0.5 + rng.normal(0, 0.1, size), 0, 1).astype(np.float32), None),
     }

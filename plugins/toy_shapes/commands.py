@@ -29,14 +29,10 @@ def train_command(
     per image style and question type and writes it to training.json beside the checkpoint."""
     import torch
 
-    from mimic_toolkit.errors import UserError
-
     from .train import train
 
     torch.set_num_threads(threads)
     steps = {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch, "vision_lr": vision_lr}
-    if init is not None and not (init / "config.json").is_file():
-        raise UserError(f"--init {init}: no checkpoint there (config.json missing)")
     train(out, seed=seed, layout=layout, init=init, **{k: v for k, v in steps.items() if v is not None})
 
 

@@ -22,63 +22,35 @@ TOY_DEFAULTS = {"iterations": 300, "batch_size": 4, "lr": 0.02, "min_lr": 1e-4, 
                 "scales": {"main": 1.0, "feature": 0.01, "patch": 0.05, "tv_l1": 0.5, "tv_l2": 0.5, "l2": 0.0}}
 
 
+LLAVA = "mimic_plugins.llava_llama3.adapter:LlavaLlama3Adapter"
+
+
+def _toy(id: str, checkpoint: str, **fields) -> AdapterSpec:
+    """A bundled toy: 64 px, the shared prompt file and settings, its checkpoint folder here."""
+    return AdapterSpec(id=id, resolution=64, checkpoint=str(HERE / checkpoint), prompts=str(HERE / "prompts.json"),
+                       defaults=TOY_DEFAULTS, **{"adapter": LLAVA, **fields})
+
+
 @hookimpl
 def register_adapters(register):
-    register(AdapterSpec(
-        id="toy-shapes",
-        aliases=("toy",),
-        adapter="mimic_plugins.llava_llama3.adapter:LlavaLlama3Adapter",
-        resolution=64,
-        checkpoint=str(HERE / "checkpoint"),
-        prompts=str(HERE / "prompts.json"),
-        stats=str(HERE / "stats"),
-        defaults=TOY_DEFAULTS,
-        description="bundled 64 px shapes VLM (LLaVA layout, trained here); the default model",
-        default=True,
-        tested_transformers="5.17, 5.24",
-    ))
+    register(_toy("toy-shapes", "checkpoint", aliases=("toy",), stats=str(HERE / "stats"), default=True,
+                  description="bundled 64 px shapes VLM (LLaVA layout, trained here); the default model",
+                  tested_transformers="5.17, 5.24"))
     # The first toy-shapes, trained on filled shapes only: it answers "circle" with no evidence and
     # "cross" for texture, so its inversions show colour, not shape. Kept to compare against (and
     # toy-shapes went on from it: `mimic toy train --init`).
-    register(AdapterSpec(
-        id="toy-shapes-v1",
-        adapter="mimic_plugins.llava_llama3.adapter:LlavaLlama3Adapter",
-        resolution=64,
-        checkpoint=str(HERE / "checkpoint-v1"),
-        prompts=str(HERE / "prompts.json"),
-        stats=str(HERE / "stats-v1"),
-        defaults=TOY_DEFAULTS,
-        description="the first toy-shapes (filled shapes only, not grounded), kept for comparison",
-        tested_transformers="5.17, 5.24",
-    ))
+    register(_toy("toy-shapes-v1", "checkpoint-v1", stats=str(HERE / "stats-v1"),
+                  description="the first toy-shapes (filled shapes only, not grounded), kept for comparison",
+                  tested_transformers="5.17, 5.24"))
     # toy-shapes-v1 fine-tuned to learn from text demonstrations in context (`mimic toy train-icl`),
     # for `mimic icl`: the same adapter, its own checkpoint.
-    register(AdapterSpec(
-        id="toy-shapes-icl",
-        adapter="mimic_plugins.llava_llama3.adapter:LlavaLlama3Adapter",
-        resolution=64,
-        checkpoint=str(HERE / "checkpoint-icl"),
-        prompts=str(HERE / "prompts.json"),
-        defaults=TOY_DEFAULTS,
-        untuned=True,
-        description="toy-shapes fine-tuned to learn in context from text demonstrations (mimic icl)",
-        tested_transformers="5.24",
-    ))
+    register(_toy("toy-shapes-icl", "checkpoint-icl", untuned=True, tested_transformers="5.24",
+                  description="toy-shapes-v1 fine-tuned to learn in context from text demonstrations (mimic icl)"))
     # The same data and questions on Qwen2-VL's code path (`mimic toy train --layout qwen2-vl`), so a
     # comparison of two trained models means something; the toy's settings, not tuned for it.
-    register(AdapterSpec(
-        id="toy-shapes-qwen",
-        aliases=("toy-qwen",),
-        adapter="mimic_plugins.qwen2_vl.adapter:Qwen2VLAdapter",
-        resolution=64,
-        checkpoint=str(HERE / "checkpoint-qwen"),
-        prompts=str(HERE / "prompts.json"),
-        stats=str(HERE / "stats-qwen"),
-        defaults=TOY_DEFAULTS,
-        untuned=True,
-        description="bundled 64 px shapes VLM (Qwen2-VL layout: 2x2 merge, M-RoPE; trained here)",
-        tested_transformers="5.24",
-    ))
+    register(_toy("toy-shapes-qwen", "checkpoint-qwen", aliases=("toy-qwen",), stats=str(HERE / "stats-qwen"),
+                  adapter="mimic_plugins.qwen2_vl.adapter:Qwen2VLAdapter", untuned=True, tested_transformers="5.24",
+                  description="bundled 64 px shapes VLM (Qwen2-VL layout: 2x2 merge, M-RoPE; trained here)"))
 
 
 @hookimpl

@@ -109,7 +109,7 @@ def _muted_colour(rng: np.random.Generator) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.3), rng.uniform(0.1, 0.9)))
 
 
-def _background(rng: np.random.Generator) -> np.ndarray:
+def background(rng: np.random.Generator) -> np.ndarray:
     """[SIZE, SIZE, 3] float in [0, 1]: a solid colour or a gradient, half of them noisy."""
     first = _muted_colour(rng)
     if rng.uniform() < 0.5:
@@ -128,11 +128,11 @@ def render(shape: str, colour: str, rng: np.random.Generator, style: str = "fill
     """One image, [SIZE, SIZE, 3] float32 in [0, 1], of the concept drawn in `style` (see STYLES)."""
     if style == "none":
         return shapeless(rng)
-    background = _background(rng)
+    ground = background(rng)
     mask = _shape_mask(shape, rng, outline=rng.uniform(1, 3) if style == "outline" else 0.0)[..., None]
     if style == "faint":  # low contrast: the colour only partly over the background
         mask = mask * rng.uniform(0.35, 0.6)
-    image = background * (1 - mask) + np.array(COLOUR_RGB[colour]) * mask
+    image = ground * (1 - mask) + np.array(COLOUR_RGB[colour]) * mask
     if style == "blurred":
         image = _blur(image, rng.uniform(0.8, 2.0))
     elif style == "noisy":
@@ -151,7 +151,7 @@ def shapeless(rng: np.random.Generator) -> np.ndarray:
     random Fourier-parameterised image looks like)."""
     kind = rng.integers(4)
     if kind == 0:
-        image = _background(rng)
+        image = background(rng)
     elif kind == 1:
         image = rng.uniform(0, 1, (SIZE, SIZE, 3))
     elif kind == 2:
@@ -196,8 +196,8 @@ def question_answer(kind: str, index: int, rng: np.random.Generator) -> tuple[st
     if kind == "describe":
         return DEFAULT_QUESTION, "nothing" if index == NO_SHAPE else f"a {colour} {shape}"
     if kind == "choice":
-        others = [s for s in SHAPES if s != shape]
-        options = ([] if index == NO_SHAPE else [shape]) + list(rng.choice(others, 3 if index == NO_SHAPE else 2, replace=False))
+        options = [] if index == NO_SHAPE else [shape]  # with no shape, three wrong options
+        options += list(rng.choice([s for s in SHAPES if s != shape], 3 - len(options), replace=False))
         rng.shuffle(options)
         return f"Is it a {options[0]}, a {options[1]} or a {options[2]}?", shape
     raise ValueError(f"unknown question kind {kind!r}")

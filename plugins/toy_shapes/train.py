@@ -10,7 +10,7 @@ so training and inversion see the same sequences; the model learns the answer pl
 adapter normalises them.
 
 The images mix every style of `shapes.STYLES` (`shapes.GROUNDED_MIX`: filled shapes, outlines,
-blurred, noisy, faint, and 15 % with no shape at all, answered "none" / "nothing"), so the model's
+blurred, noisy, faint, and images with no shape at all, answered "none" / "nothing"), so the model's
 answers depend on the shape's geometry rather than on colour or texture (issue 10).
 
     mimic toy train --out my-toy                      # the LLaVA layout, from scratch
@@ -324,6 +324,8 @@ def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: i
     if layout not in LAYOUTS:
         raise UserError(f"--layout takes one of {', '.join(LAYOUTS)}, not '{layout}'")
     check_replaceable(out_dir, lambda folder: (folder / "training.json").is_file(), "--out")  # before the long part
+    if init is not None and not (Path(init) / "config.json").is_file():
+        raise UserError(f"--init {init}: no checkpoint there (config.json missing)")
     torch.manual_seed(seed)
     started = time.time()
     make_tokenizer, make_model, _, _, _ = LAYOUTS[layout]

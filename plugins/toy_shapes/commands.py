@@ -24,6 +24,11 @@ def train_command(
                                               "recipe's, 3e-3; lower it to go on from --init)."),
     init: Optional[Path] = typer.Option(None, help="Start from this trained toy checkpoint (same layout and "
                                         "sizes) instead of from scratch; new words start fresh."),
+    adversarial_eps: Optional[float] = typer.Option(None, min=0.0, max=0.25, help="Train half of each batch on "
+                                                    "FGSM images this far (per pixel, 0-1 scale; 0.024 is about "
+                                                    "6/255) from the clean ones (default: the recipe's, 0 = off)."),
+    eval_images: Optional[int] = typer.Option(None, min=1, help="Held-out images per style and question type "
+                                              "(default: the recipe's, 400)."),
 ):
     """Train the toy VLM on CPU (seeded), from scratch or on from --init; prints held-out accuracy
     per image style and question type and writes it to training.json beside the checkpoint."""
@@ -32,7 +37,8 @@ def train_command(
     from .train import train
 
     torch.set_num_threads(threads)
-    steps = {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch, "vision_lr": vision_lr}
+    steps = {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch, "vision_lr": vision_lr,
+             "adversarial_eps": adversarial_eps, "eval_images": eval_images}
     train(out, seed=seed, layout=layout, init=init, **{k: v for k, v in steps.items() if v is not None})
 
 
@@ -131,11 +137,14 @@ def train_guide_command(out: Path = typer.Option(HERE / "guide.safetensors", hel
 @toy.command("stats")
 def stats_command(out: Path = typer.Option(HERE / "stats", help="Folder for the 24 statistics files."),
                   images_per_concept: int = typer.Option(64), seed: int = typer.Option(0),
-                  model: str = typer.Option("toy-shapes", help="toy-shapes, or toy-shapes-qwen (then pass its --out).")):
+                  model: str = typer.Option("toy-shapes", help="toy-shapes, or toy-shapes-qwen (then pass its --out)."),
+                  checkpoint: Optional[str] = typer.Option(None, help="A toy you trained (`mimic toy train --out`) "
+                                                           "instead of the model's bundled checkpoint.")):
     """Feature statistics of generated images for each of the 24 concepts (through `mimic stats`'s code)."""
     from .prepare import write_concept_stats
 
-    for path in write_concept_stats(out, images_per_concept=images_per_concept, seed=seed, model=model):
+    for path in write_concept_stats(out, images_per_concept=images_per_concept, seed=seed, model=model,
+                                    checkpoint=checkpoint):
         typer.echo(str(path))
 
 

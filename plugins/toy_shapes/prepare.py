@@ -13,14 +13,14 @@ from . import shapes
 
 
 def write_concept_stats(out: Path, *, images_per_concept: int = 64, seed: int = 0,
-                        model: str = "toy-shapes") -> list[Path]:
+                        model: str = "toy-shapes", checkpoint: str | None = None) -> list[Path]:
     """For each concept, generate images, save them as PNGs and run `mimic stats`'s own code on
     the folder, so the shipped statistics come through the same path as a user's."""
     from mimic_toolkit.engine import load_model
     from mimic_toolkit.features import compute_stats
 
     check_replaceable(out, lambda folder: all(p.suffix == ".safetensors" for p in folder.iterdir()), "--out")
-    adapter = load_model(model, device="cpu")
+    adapter = load_model(model, checkpoint=checkpoint, device="cpu")
     written = []
     with atomic_folder(out, replace=True) as partial:  # the old set stays whole until the new one is
         for index in range(len(shapes.SHAPES) * len(shapes.COLOURS)):

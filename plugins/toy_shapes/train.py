@@ -171,11 +171,9 @@ def _grid_position_embeddings(side: int, width: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, width), grid], dim=0) * 0.5
 
 
-def make_batch(adapter, seed: tuple[int, ...], size: int, kinds=shapes.QUESTION_KINDS,
-               mix=shapes.GROUNDED_MIX) -> dict:
-    """Fresh images (styles drawn from `mix`) with one random question each, prompted exactly as
-    the toolkit's adapter prompts an inversion, right-padded; loss only on the answer and the <eos> after it."""
-    images, labels, _ = shapes.sample(seed, size, mix)
+def question_batch(adapter, labels: torch.Tensor, seed: tuple[int, ...], kinds=shapes.QUESTION_KINDS) -> dict:
+    """One random question per label, prompted exactly as the toolkit's adapter prompts an
+    inversion, right-padded; loss only on the answer and the <eos> after it."""
     rng = np.random.default_rng([*seed, 1])
     eos = torch.tensor([adapter.tokenizer.eos_token_id])
     rows = []
@@ -186,9 +184,34 @@ def make_batch(adapter, seed: tuple[int, ...], size: int, kinds=shapes.QUESTION_
         rows.append({**adapter.text_inputs(prompt, 1), "labels": prompt.labels[None]})
     length = max(row["input_ids"].shape[1] for row in rows)
     fill = {"input_ids": adapter.tokenizer.pad_token_id, "labels": -100}
-    batch = {key: torch.cat([F.pad(row[key], (0, length - row[key].shape[1]), value=fill.get(key, 0)) for row in rows])
-             for key in rows[0]}
-    return {**adapter.pixel_inputs(adapter.normalise(images)), **batch}
+    return {key: torch.cat([F.pad(row[key], (0, length - row[key].shape[1]), value=fill.get(key, 0)) for row in rows])
+            for key in rows[0]}
+
+
+def make_batch(adapter, seed: tuple[int, ...], size: int, kinds=shapes.QUESTION_KINDS,
+               mix=shapes.GROUNDED_MIX) -> dict:
+    """Fresh images (styles drawn from `mix`) with one random question each (`question_batch`)."""
+    images, labels, _ = shapes.sample(seed, size, mix)
+    return {**adapter.pixel_inputs(adapter.normalise(images)), **question_batch(adapter, labels, seed, kinds)}
+
+
+def adversarial(images: torch.Tensor, loss_of, eps: float) -> torch.Tensor:
+    """`images` moved by at most `eps` per pixel to raise `loss_of(images)`: one signed-gradient
+    step from a random start (FGSM-RS, Wong et al. 2020). A model trained on such images has input
+    gradients that follow the shape rather than texture, and inversion follows those gradients."""
+    delta = torch.empty_like(images).uniform_(-eps, eps).requires_grad_(True)
+    grad, = torch.autograd.grad(loss_of((images + delta).clamp(0, 1)), delta)
+    delta = (delta + 1.25 * eps * grad.sign()).clamp(-eps, eps)
+    return (images + delta).clamp(0, 1).detach()
+
+
+def _attack_half(images: torch.Tensor, loss_of, eps: float) -> torch.Tensor:
+    """The first half of the batch made adversarial (the other half stays clean, for clean accuracy)."""
+    if eps <= 0:
+        return images
+    half = len(images) // 2
+    return torch.cat([adversarial(images[:half], lambda x: loss_of(torch.cat([x, images[half:]])), eps),
+                      images[half:]])
 
 
 def train_step(loss, optimizer, scheduler, params) -> float:
@@ -210,7 +233,7 @@ def _schedule(optimizer, total_steps: int, warmup: int):
 
 
 def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, log_every: int = 50,
-                    layout: str = "llava") -> list[float]:
+                    layout: str = "llava", adversarial_eps: float = 0.0) -> list[float]:
     """Stage 1: tower + linear heads classify the 24 concepts, from the features the LM reads
     (LLaVA: layer -2's patch tokens; Qwen: the merged tokens) and from a second pooling of the
     tower (the CLS; the last block's patches), mean-pooled, as CLIP itself is trained."""
@@ -226,6 +249,8 @@ def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, lo
     losses = []
     for step in range(steps):
         images, labels, _ = shapes.sample((seed, VISION_STREAM, step), batch, shapes.GROUNDED_MIX)
+        loss_of = lambda x: sum(F.cross_entropy(head(f), labels) for head, f in zip(heads, features_of(adapter, x)))
+        images = _attack_half(images, loss_of, adversarial_eps)
         features = features_of(adapter, images)
         patch_features = features[0]
         loss = sum(F.cross_entropy(head(f), labels) for head, f in zip(heads, features))
@@ -238,7 +263,7 @@ def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, lo
 
 
 def train_language(adapter, *, seed: int, steps: int, batch: int, lr: float, tower_lr: float,
-                   log_every: int = 50, layout: str = "llava") -> list[float]:
+                   log_every: int = 50, layout: str = "llava", adversarial_eps: float = 0.0) -> list[float]:
     """Stage 2: the whole VLM answers the questions; the pretrained tower moves slowly."""
     model = adapter.model
     tower = list(LAYOUTS[layout][3](adapter).parameters())
@@ -249,7 +274,11 @@ def train_language(adapter, *, seed: int, steps: int, batch: int, lr: float, tow
     scheduler = _schedule(optimizer, steps, warmup=steps // 20)
     losses = []
     for step in range(steps):
-        loss = model(**make_batch(adapter, (seed, LANGUAGE_STREAM, step), batch)).loss
+        stream = (seed, LANGUAGE_STREAM, step)
+        images, labels, _ = shapes.sample(stream, batch, shapes.GROUNDED_MIX)
+        text = question_batch(adapter, labels, stream)
+        loss_of = lambda x: model(**adapter.pixel_inputs(adapter.normalise(x)), **text).loss
+        loss = loss_of(_attack_half(images, loss_of, adversarial_eps))
         losses.append(train_step(loss, optimizer, scheduler, model.parameters()))
         if log_every and step % log_every == 0:
             print(f"language {step:5d} loss {losses[-1]:.3f}", flush=True)
@@ -318,7 +347,8 @@ def trainable_adapter(tokenizer, model, layout: str = "llava"):
 
 def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: int = 600, batch: int = 64,
           vision_lr: float = 3e-3, language_lr: float = 1e-3, tower_lr: float = 3e-4, eval_images: int = 400,
-          model_sizes: dict | None = None, log_every: int = 50, layout: str = "llava", init=None) -> dict:
+          model_sizes: dict | None = None, log_every: int = 50, layout: str = "llava", init=None,
+          adversarial_eps: float = 0.0) -> dict:
     """Train (from scratch, or on from the checkpoint `init`), evaluate on fresh images and save
     the checkpoint plus `training.json` in `out_dir`."""
     if layout not in LAYOUTS:
@@ -335,9 +365,10 @@ def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: i
         warm_start(model, tokenizer, init)
     adapter = trainable_adapter(tokenizer, model, layout)
     vision_losses = pretrain_vision(adapter, seed=seed, steps=vision_steps, batch=batch, lr=vision_lr,
-                                    log_every=log_every, layout=layout)
+                                    log_every=log_every, layout=layout, adversarial_eps=adversarial_eps)
     language_losses = train_language(adapter, seed=seed, steps=language_steps, batch=batch, lr=language_lr,
-                                     tower_lr=tower_lr, log_every=log_every, layout=layout)
+                                     tower_lr=tower_lr, log_every=log_every, layout=layout,
+                                     adversarial_eps=adversarial_eps)
     minutes = (time.time() - started) / 60
     adapter.model.eval()
     accuracy = evaluate(adapter, n=eval_images)
@@ -347,7 +378,8 @@ def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: i
         "parameters": sum(p.numel() for p in adapter.model.parameters()),
         "recipe": {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch,
                    "vision_lr": vision_lr, "language_lr": language_lr, "tower_lr": tower_lr,
-                   "model_sizes": model_sizes or {}, "optimizer": "AdamW, linear warmup 5 %, cosine",
+                   "model_sizes": model_sizes or {}, "adversarial_eps": adversarial_eps,
+                   "optimizer": "AdamW, linear warmup 5 %, cosine",
                    "image_styles": shapes.GROUNDED_MIX,
                    "pixel_mean": adapter.image_mean, "pixel_std": adapter.image_std},
         "held_out_accuracy": accuracy, "held_out_images_per_kind": eval_images,

@@ -127,16 +127,22 @@ def test_adversarial_images_stay_within_eps_and_raise_the_loss():
     text = train.question_batch(adapter, labels, (0,))
     loss_of = lambda x: adapter.model(**adapter.pixel_inputs(adapter.normalise(x)), **text).loss
     eps = 4 / 255
+    torch.manual_seed(0)
     moved = train.adversarial(images, loss_of, eps)
-    assert (moved - images).abs().max() <= eps + 1e-6 and moved.min() >= 0 and moved.max() <= 1
+    torch.manual_seed(0)
+    pgd = train.adversarial(images, loss_of, eps, steps=5)
+    for attacked in (moved, pgd):
+        assert (attacked - images).abs().max() <= eps + 1e-6 and attacked.min() >= 0 and attacked.max() <= 1
     with torch.no_grad():
         assert loss_of(moved) > loss_of(images) + 0.01
+        assert loss_of(pgd) > loss_of(moved)  # the same random start, more steps: a stronger attack
     half = train._attack_half(images, loss_of, eps)
     assert torch.equal(half[8:], images[8:]) and not torch.equal(half[:8], images[:8])
 
 
 def test_tiny_training_is_reproducible_and_saves_a_loadable_checkpoint(tmp_path):
     tiny = dict(vision_steps=3, language_steps=3, batch=4, eval_images=4, log_every=0, adversarial_eps=0.02,
+                adversarial_steps=2,
                 model_sizes={"vision_width": 32, "vision_layers": 2, "text_width": 32, "text_layers": 1})
     report = train.train(tmp_path, **tiny)
     train.train(tmp_path / "again", **tiny)

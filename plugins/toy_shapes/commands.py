@@ -27,6 +27,9 @@ def train_command(
     adversarial_eps: Optional[float] = typer.Option(None, min=0.0, max=0.25, help="Train half of each batch on "
                                                     "FGSM images this far (per pixel, 0-1 scale; 0.024 is about "
                                                     "6/255) from the clean ones (default: the recipe's, 0 = off)."),
+    adversarial_steps: Optional[int] = typer.Option(None, min=1, help="Attack steps: 1 is FGSM with a random "
+                                                    "start; more is PGD, stronger and that many times slower "
+                                                    "(default: the recipe's, 1)."),
     eval_images: Optional[int] = typer.Option(None, min=1, help="Held-out images per style and question type "
                                               "(default: the recipe's, 400)."),
 ):
@@ -38,7 +41,7 @@ def train_command(
 
     torch.set_num_threads(threads)
     steps = {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch, "vision_lr": vision_lr,
-             "adversarial_eps": adversarial_eps, "eval_images": eval_images}
+             "adversarial_eps": adversarial_eps, "adversarial_steps": adversarial_steps, "eval_images": eval_images}
     train(out, seed=seed, layout=layout, init=init, **{k: v for k, v in steps.items() if v is not None})
 
 

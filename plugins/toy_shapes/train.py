@@ -195,22 +195,27 @@ def make_batch(adapter, seed: tuple[int, ...], size: int, kinds=shapes.QUESTION_
     return {**adapter.pixel_inputs(adapter.normalise(images)), **question_batch(adapter, labels, seed, kinds)}
 
 
-def adversarial(images: torch.Tensor, loss_of, eps: float) -> torch.Tensor:
-    """`images` moved by at most `eps` per pixel to raise `loss_of(images)`: one signed-gradient
-    step from a random start (FGSM-RS, Wong et al. 2020). A model trained on such images has input
-    gradients that follow the shape rather than texture, and inversion follows those gradients."""
-    delta = torch.empty_like(images).uniform_(-eps, eps).requires_grad_(True)
-    grad, = torch.autograd.grad(loss_of((images + delta).clamp(0, 1)), delta)
-    delta = (delta + 1.25 * eps * grad.sign()).clamp(-eps, eps)
+def adversarial(images: torch.Tensor, loss_of, eps: float, steps: int = 1) -> torch.Tensor:
+    """`images` moved by at most `eps` per pixel to raise `loss_of(images)`, by signed-gradient
+    steps from a random start: one step of 1.25 eps is FGSM-RS (Wong et al. 2020), the training
+    attack; more steps of 2.5 eps / steps are PGD (Madry et al. 2018), the stronger test. A model
+    trained on such images has input gradients that follow the shape rather than texture, and
+    inversion follows those gradients."""
+    step = 1.25 * eps if steps == 1 else 2.5 * eps / steps
+    delta = torch.empty_like(images).uniform_(-eps, eps)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        grad, = torch.autograd.grad(loss_of((images + delta).clamp(0, 1)), delta)
+        delta = (delta.detach() + step * grad.sign()).clamp(-eps, eps)
     return (images + delta).clamp(0, 1).detach()
 
 
-def _attack_half(images: torch.Tensor, loss_of, eps: float) -> torch.Tensor:
+def _attack_half(images: torch.Tensor, loss_of, eps: float, steps: int = 1) -> torch.Tensor:
     """The first half of the batch made adversarial (the other half stays clean, for clean accuracy)."""
     if eps <= 0:
         return images
     half = len(images) // 2
-    return torch.cat([adversarial(images[:half], lambda x: loss_of(torch.cat([x, images[half:]])), eps),
+    return torch.cat([adversarial(images[:half], lambda x: loss_of(torch.cat([x, images[half:]])), eps, steps),
                       images[half:]])
 
 
@@ -233,7 +238,7 @@ def _schedule(optimizer, total_steps: int, warmup: int):
 
 
 def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, log_every: int = 50,
-                    layout: str = "llava", adversarial_eps: float = 0.0) -> list[float]:
+                    layout: str = "llava", adversarial_eps: float = 0.0, adversarial_steps: int = 1) -> list[float]:
     """Stage 1: tower + linear heads classify the 24 concepts, from the features the LM reads
     (LLaVA: layer -2's patch tokens; Qwen: the merged tokens) and from a second pooling of the
     tower (the CLS; the last block's patches), mean-pooled, as CLIP itself is trained."""
@@ -250,7 +255,7 @@ def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, lo
     for step in range(steps):
         images, labels, _ = shapes.sample((seed, VISION_STREAM, step), batch, shapes.GROUNDED_MIX)
         loss_of = lambda x: sum(F.cross_entropy(head(f), labels) for head, f in zip(heads, features_of(adapter, x)))
-        images = _attack_half(images, loss_of, adversarial_eps)
+        images = _attack_half(images, loss_of, adversarial_eps, adversarial_steps)
         features = features_of(adapter, images)
         patch_features = features[0]
         loss = sum(F.cross_entropy(head(f), labels) for head, f in zip(heads, features))
@@ -263,7 +268,7 @@ def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, lo
 
 
 def train_language(adapter, *, seed: int, steps: int, batch: int, lr: float, tower_lr: float,
-                   log_every: int = 50, layout: str = "llava", adversarial_eps: float = 0.0) -> list[float]:
+                   log_every: int = 50, layout: str = "llava", adversarial_eps: float = 0.0, adversarial_steps: int = 1) -> list[float]:
     """Stage 2: the whole VLM answers the questions; the pretrained tower moves slowly."""
     model = adapter.model
     tower = list(LAYOUTS[layout][3](adapter).parameters())
@@ -278,7 +283,7 @@ def train_language(adapter, *, seed: int, steps: int, batch: int, lr: float, tow
         images, labels, _ = shapes.sample(stream, batch, shapes.GROUNDED_MIX)
         text = question_batch(adapter, labels, stream)
         loss_of = lambda x: model(**adapter.pixel_inputs(adapter.normalise(x)), **text).loss
-        loss = loss_of(_attack_half(images, loss_of, adversarial_eps))
+        loss = loss_of(_attack_half(images, loss_of, adversarial_eps, adversarial_steps))
         losses.append(train_step(loss, optimizer, scheduler, model.parameters()))
         if log_every and step % log_every == 0:
             print(f"language {step:5d} loss {losses[-1]:.3f}", flush=True)
@@ -348,7 +353,7 @@ def trainable_adapter(tokenizer, model, layout: str = "llava"):
 def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: int = 600, batch: int = 64,
           vision_lr: float = 3e-3, language_lr: float = 1e-3, tower_lr: float = 3e-4, eval_images: int = 400,
           model_sizes: dict | None = None, log_every: int = 50, layout: str = "llava", init=None,
-          adversarial_eps: float = 0.0) -> dict:
+          adversarial_eps: float = 0.0, adversarial_steps: int = 1) -> dict:
     """Train (from scratch, or on from the checkpoint `init`), evaluate on fresh images and save
     the checkpoint plus `training.json` in `out_dir`."""
     if layout not in LAYOUTS:
@@ -365,10 +370,11 @@ def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: i
         warm_start(model, tokenizer, init)
     adapter = trainable_adapter(tokenizer, model, layout)
     vision_losses = pretrain_vision(adapter, seed=seed, steps=vision_steps, batch=batch, lr=vision_lr,
-                                    log_every=log_every, layout=layout, adversarial_eps=adversarial_eps)
+                                    log_every=log_every, layout=layout, adversarial_eps=adversarial_eps,
+                                    adversarial_steps=adversarial_steps)
     language_losses = train_language(adapter, seed=seed, steps=language_steps, batch=batch, lr=language_lr,
                                      tower_lr=tower_lr, log_every=log_every, layout=layout,
-                                     adversarial_eps=adversarial_eps)
+                                     adversarial_eps=adversarial_eps, adversarial_steps=adversarial_steps)
     minutes = (time.time() - started) / 60
     adapter.model.eval()
     accuracy = evaluate(adapter, n=eval_images)
@@ -379,6 +385,7 @@ def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: i
         "recipe": {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch,
                    "vision_lr": vision_lr, "language_lr": language_lr, "tower_lr": tower_lr,
                    "model_sizes": model_sizes or {}, "adversarial_eps": adversarial_eps,
+                   "adversarial_steps": adversarial_steps,
                    "optimizer": "AdamW, linear warmup 5 %, cosine",
                    "image_styles": shapes.GROUNDED_MIX,
                    "pixel_mean": adapter.image_mean, "pixel_std": adapter.image_std},

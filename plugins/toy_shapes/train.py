@@ -11,10 +11,13 @@ adapter normalises them.
 
 The images mix every style of `shapes.STYLES` (`shapes.GROUNDED_MIX`: filled shapes, outlines,
 blurred, noisy, faint, and images with no shape at all, answered "none" / "nothing"), so the model's
-answers depend on the shape's geometry rather than on colour or texture (issue 10).
+answers depend on the shape's geometry rather than on colour or texture (issue 10). With
+`adversarial_eps`, half of each batch is attacked first (FGSM, or PGD with `adversarial_steps`),
+so the input gradient an inversion climbs follows the shape too.
 
     mimic toy train --out my-toy                      # the LLaVA layout, from scratch
     mimic toy train --init plugins/toy_shapes/checkpoint-v1 --out my-toy   # on from a trained toy
+    mimic toy train --init my-toy --adversarial-eps 0.0627 --vision-lr 1e-3 --out my-robust-toy
     mimic toy train --layout qwen2-vl --out my-toy-qwen
 """
 

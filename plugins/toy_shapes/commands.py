@@ -25,7 +25,7 @@ def train_command(
     init: Optional[Path] = typer.Option(None, help="Start from this trained toy checkpoint (same layout and "
                                         "sizes) instead of from scratch; new words start fresh."),
     adversarial_eps: Optional[float] = typer.Option(None, min=0.0, max=0.25, help="Train half of each batch on "
-                                                    "FGSM images this far (per pixel, 0-1 scale; 0.024 is about "
+                                                    "attacked images this far (per pixel, 0-1 scale; 0.024 is about "
                                                     "6/255) from the clean ones (default: the recipe's, 0 = off)."),
     adversarial_steps: Optional[int] = typer.Option(None, min=1, help="Attack steps: 1 is FGSM with a random "
                                                     "start; more is PGD, stronger and that many times slower "

@@ -294,6 +294,16 @@ def train_language(adapter, *, seed: int, steps: int, batch: int, lr: float, tow
 
 
 @torch.no_grad()
+def answers_right(adapter, inputs: dict) -> torch.Tensor:
+    """Per row of a question batch (with `labels`): whether the whole answer + <eos> is the argmax
+    at every answer position, what greedy decoding produces for these 1-3 token answers."""
+    inputs = dict(inputs)
+    targets = inputs.pop("labels")[:, 1:]
+    predicted = adapter.model(**inputs).logits[:, :-1].argmax(-1)
+    return ((predicted == targets) | (targets == -100)).all(dim=1)
+
+
+@torch.no_grad()
 def evaluate(adapter, *, seed: int = 0, n: int = 400, batch: int = 100, styles=None) -> dict[str, dict[str, float]]:
     """Per image style and question kind: the fraction of fresh images whose whole answer + <eos>
     is the argmax at every answer position (what greedy decoding produces for these 1-3 token answers).
@@ -310,9 +320,7 @@ def evaluate(adapter, *, seed: int = 0, n: int = 400, batch: int = 100, styles=N
             for start in range(0, n, batch):
                 inputs = make_batch(adapter, (seed, HELD_OUT_STREAM, s, k, start), min(batch, n - start),
                                     kinds=(kind,), mix={style: 1.0})
-                targets = inputs.pop("labels")[:, 1:]
-                predicted = adapter.model(**inputs).logits[:, :-1].argmax(-1)
-                correct += ((predicted == targets) | (targets == -100)).all(dim=1).sum().item()
+                correct += answers_right(adapter, inputs).sum().item()
             accuracy[style][kind] = correct / n
     return accuracy
 

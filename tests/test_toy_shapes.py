@@ -27,11 +27,12 @@ def test_generator_is_deterministic_per_seed():
 
 
 def test_styles_draw_the_concept_and_none_draws_no_shape():
-    images, labels, styles = shapes.sample(3, 300, shapes.GROUNDED_MIX)
-    again = shapes.sample(3, 300, shapes.GROUNDED_MIX)
+    mix = shapes.GROUNDED_MIX | {"decoy": 0.1}
+    images, labels, styles = shapes.sample(3, 300, mix)
+    again = shapes.sample(3, 300, mix)
     assert torch.equal(images, again[0]) and styles == again[2] and set(styles) == set(shapes.STYLES)
     assert images.min() >= 0 and images.max() <= 1
-    assert all((label == shapes.NO_SHAPE) == (style == "none") for label, style in zip(labels.tolist(), styles))
+    assert all((label == shapes.NO_SHAPE) == (style in shapes.NO_SHAPE_STYLES) for label, style in zip(labels.tolist(), styles))
     # an outline covers a fraction of the filled shape's pixels (same draws, so the same shape)
     filled = shapes._shape_mask("circle", np.random.default_rng(5))
     outline = shapes._shape_mask("circle", np.random.default_rng(5), outline=2.0)
@@ -42,6 +43,17 @@ def test_styles_draw_the_concept_and_none_draws_no_shape():
     assert shapes.question_answer("describe", shapes.NO_SHAPE, rng)[1] == "nothing"
     question, answer = shapes.question_answer("choice", shapes.NO_SHAPE, rng)
     assert answer == "none" and sum(shape in question for shape in shapes.SHAPES) == 3
+
+
+def test_a_decoy_is_a_saturated_blob_of_the_concept_colour_answered_none():
+    images, labels, styles = shapes.sample(7, 40, {"decoy": 1.0})
+    assert styles == ["decoy"] * 40 and (labels == shapes.NO_SHAPE).all()
+    # the colour each was drawn in: the class the sampler drew before the label became "none"
+    drawn = np.random.default_rng(7).integers(0, shapes.NO_SHAPE, 40)
+    for image, index in zip(images, drawn):
+        colour = torch.tensor(shapes.COLOUR_RGB[shapes.split_class(index)[1]])[:, None, None]
+        covered = ((image - colour).abs().amax(0) < 0.05).float().mean()
+        assert 0.02 < covered < 0.5, (index, covered)
 
 
 def test_the_verifier_corruptions_keep_images_in_range_and_change_them():
@@ -142,12 +154,14 @@ def test_adversarial_images_stay_within_eps_and_raise_the_loss():
 
 def test_tiny_training_is_reproducible_and_saves_a_loadable_checkpoint(tmp_path):
     tiny = dict(vision_steps=3, language_steps=3, batch=4, eval_images=4, log_every=0, adversarial_eps=0.02,
-                adversarial_steps=2,
+                adversarial_steps=2, decoys=0.1,
                 model_sizes={"vision_width": 32, "vision_layers": 2, "text_width": 32, "text_layers": 1})
     report = train.train(tmp_path, **tiny)
     train.train(tmp_path / "again", **tiny)
     assert set(report["held_out_accuracy"]) == set(shapes.STYLES)
     assert all(set(row) == set(shapes.QUESTION_KINDS) for row in report["held_out_accuracy"].values())
+    styles = report["recipe"]["image_styles"]
+    assert styles["decoy"] == 0.1 and abs(sum(styles.values()) - 1) < 1e-9
     weights = [(folder / "model.safetensors").read_bytes() for folder in (tmp_path, tmp_path / "again")]
     assert weights[0] == weights[1]
     adapter = LlavaLlama3Adapter.load(str(tmp_path))

@@ -32,6 +32,8 @@ def train_command(
                                                     "(default: the recipe's, 1)."),
     eval_images: Optional[int] = typer.Option(None, min=1, help="Held-out images per style and question type "
                                               "(default: the recipe's, 400)."),
+    decoys: Optional[float] = typer.Option(None, min=0.0, max=0.5, help="Share of each batch drawn as a blob that "
+                                           "is none of the four shapes, answered \"none\" (default: the recipe's, 0)."),
 ):
     """Train the toy VLM on CPU (seeded), from scratch or on from --init; prints held-out accuracy
     per image style and question type and writes it to training.json beside the checkpoint."""
@@ -41,7 +43,8 @@ def train_command(
 
     torch.set_num_threads(threads)
     steps = {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch, "vision_lr": vision_lr,
-             "adversarial_eps": adversarial_eps, "adversarial_steps": adversarial_steps, "eval_images": eval_images}
+             "adversarial_eps": adversarial_eps, "adversarial_steps": adversarial_steps, "eval_images": eval_images,
+             "decoys": decoys}
     train(out, seed=seed, layout=layout, init=init, **{k: v for k, v in steps.items() if v is not None})
 
 

@@ -12,8 +12,10 @@ scratch did not learn shape; muted ones keep the outline salient while the backg
 
 Besides the filled shapes, `STYLES` draws them as outlines (1-3 px), blurred, noisy and at low
 contrast, and "none" is an image with no shape at all (a background, pixel noise, a flat colour of
-any saturation, smooth 1/f noise), answered "none" / "nothing". The grounded toy model trains on
-all of them, so its shape answer needs geometry (benchmarks/RESULTS.md, "grounded toy").
+any saturation, smooth 1/f noise), answered "none" / "nothing". "decoy" is a saturated blob that is
+none of the four shapes (overlapping discs, a wavy-rimmed disc, an ellipse), also answered "none":
+the blobs an inversion makes before it finds the shape. The grounded toy model trains on them, so
+its shape answer needs geometry (benchmarks/RESULTS.md, "grounded toy").
 
 Everything is deterministic given a seed (`numpy.random.Generator`); no files are read.
 """
@@ -40,7 +42,8 @@ QUESTION_KINDS = ("shape", "colour", "describe", "choice")
 DEFAULT_QUESTION = "Describe the image."
 NO_SHAPE = len(SHAPES) * len(COLOURS)  # the label of an image with no shape (answered "none")
 # Ways to draw a concept; "none" draws no shape. The grounded recipe's mix of them, as weights:
-STYLES = ("filled", "outline", "blurred", "noisy", "faint", "none")
+STYLES = ("filled", "outline", "blurred", "noisy", "faint", "none", "decoy")
+NO_SHAPE_STYLES = ("none", "decoy")  # answered "none" / "nothing"
 # (the shipped toy's first round drew outlines at 0.12, filled 0.45, none 0.15: outlines were read 64 %)
 GROUNDED_MIX = {"filled": 0.35, "outline": 0.25, "blurred": 0.1, "noisy": 0.1, "faint": 0.08, "none": 0.12}
 MAX_SPAN = 0.68  # of the side: the largest square still fits when turned 45 degrees
@@ -105,6 +108,38 @@ def _shape_mask(shape: str, rng: np.random.Generator, outline: float = 0.0) -> n
     return np.asarray(big.resize((SIZE, SIZE), Image.BOX), dtype=np.float32) / 255
 
 
+def _decoy_mask(rng: np.random.Generator) -> np.ndarray:
+    """Coverage [SIZE, SIZE] of a blob that is none of the four shapes: two or three overlapping
+    discs, a disc with a wavy rim, or an ellipse clearly longer than it is wide."""
+    big = Image.new("L", (SIZE * _SUPERSAMPLE, SIZE * _SUPERSAMPLE), 0)
+    draw = ImageDraw.Draw(big)
+    centre = rng.uniform(0.35, 0.65, 2) * SIZE
+    kind = rng.integers(3)
+    if kind == 0:
+        radii = rng.uniform(0.08, 0.2, rng.integers(2, 4)) * SIZE
+        centres = [centre]
+        for radius in radii[1:]:  # each disc overlaps the one before
+            angle = rng.uniform(0, 2 * np.pi)
+            step = (radii[0] + radius) * rng.uniform(0.5, 0.85)
+            centres.append(centres[-1] + step * np.array([np.cos(angle), np.sin(angle)]))
+        for c, radius in zip(centres, radii):
+            draw.ellipse([tuple((c - radius) * _SUPERSAMPLE), tuple((c + radius) * _SUPERSAMPLE)], fill=255)
+        return np.asarray(big.resize((SIZE, SIZE), Image.BOX), dtype=np.float32) / 255
+    theta = np.linspace(0, 2 * np.pi, 180, endpoint=False)
+    if kind == 1:
+        rim = np.ones_like(theta)
+        for k in rng.choice(np.arange(2, 6), 2, replace=False):
+            rim += rng.uniform(0.08, 0.2) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+        points = rng.uniform(0.15, 0.3) * SIZE * rim[:, None] * np.stack([np.cos(theta), np.sin(theta)], 1)
+    else:
+        long = rng.uniform(0.15, 0.32) * SIZE
+        points = np.stack([long * np.cos(theta), long * rng.uniform(0.35, 0.65) * np.sin(theta)], 1)
+        turn = rng.uniform(0, np.pi)
+        points = points @ np.array([[np.cos(turn), np.sin(turn)], [-np.sin(turn), np.cos(turn)]])
+    draw.polygon([tuple(p) for p in (points + centre) * _SUPERSAMPLE], fill=255)
+    return np.asarray(big.resize((SIZE, SIZE), Image.BOX), dtype=np.float32) / 255
+
+
 def _muted_colour(rng: np.random.Generator) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.3), rng.uniform(0.1, 0.9)))
 
@@ -129,7 +164,10 @@ def render(shape: str, colour: str, rng: np.random.Generator, style: str = "fill
     if style == "none":
         return shapeless(rng)
     ground = background(rng)
-    mask = _shape_mask(shape, rng, outline=rng.uniform(1, 3) if style == "outline" else 0.0)[..., None]
+    if style == "decoy":
+        mask = _decoy_mask(rng)[..., None]
+    else:
+        mask = _shape_mask(shape, rng, outline=rng.uniform(1, 3) if style == "outline" else 0.0)[..., None]
     if style == "faint":  # low contrast: the colour only partly over the background
         mask = mask * rng.uniform(0.35, 0.6)
     image = ground * (1 - mask) + np.array(COLOUR_RGB[colour]) * mask
@@ -181,7 +219,7 @@ def sample(seed: int | Sequence[int], n: int, mix: dict[str, float] | None = Non
     weights = np.array([mix[name] for name in names], dtype=float)
     styles = [names[k] for k in rng.choice(len(names), n, p=weights / weights.sum())]
     images = np.stack([render(*split_class(label), rng, style) for label, style in zip(labels, styles)])
-    labels = np.where([style == "none" for style in styles], NO_SHAPE, labels)
+    labels = np.where([style in NO_SHAPE_STYLES for style in styles], NO_SHAPE, labels)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels), styles
 
 

@@ -10,7 +10,8 @@ so training and inversion see the same sequences; the model learns the answer pl
 adapter normalises them.
 
 The images mix every style of `shapes.STYLES` (`shapes.GROUNDED_MIX`: filled shapes, outlines,
-blurred, noisy, faint, and images with no shape at all, answered "none" / "nothing"), so the model's
+blurred, noisy, faint, and images with no shape at all, answered "none" / "nothing"; `decoys` adds
+blobs that are none of the four shapes, also "none"), so the model's
 answers depend on the shape's geometry rather than on colour or texture (issue 10). With
 `adversarial_eps`, half of each batch is attacked first (FGSM, or PGD with `adversarial_steps`),
 so the input gradient an inversion climbs follows the shape too.
@@ -241,7 +242,8 @@ def _schedule(optimizer, total_steps: int, warmup: int):
 
 
 def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, log_every: int = 50,
-                    layout: str = "llava", adversarial_eps: float = 0.0, adversarial_steps: int = 1) -> list[float]:
+                    layout: str = "llava", adversarial_eps: float = 0.0, adversarial_steps: int = 1,
+                    mix=shapes.GROUNDED_MIX) -> list[float]:
     """Stage 1: tower + linear heads classify the 24 concepts, from the features the LM reads
     (LLaVA: layer -2's patch tokens; Qwen: the merged tokens) and from a second pooling of the
     tower (the CLS; the last block's patches), mean-pooled, as CLIP itself is trained."""
@@ -256,7 +258,7 @@ def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, lo
     scheduler = _schedule(optimizer, steps, warmup=steps // 20)
     losses = []
     for step in range(steps):
-        images, labels, _ = shapes.sample((seed, VISION_STREAM, step), batch, shapes.GROUNDED_MIX)
+        images, labels, _ = shapes.sample((seed, VISION_STREAM, step), batch, mix)
         loss_of = lambda x: sum(F.cross_entropy(head(f), labels) for head, f in zip(heads, features_of(adapter, x)))
         images = _attack_half(images, loss_of, adversarial_eps, adversarial_steps)
         features = features_of(adapter, images)
@@ -271,7 +273,8 @@ def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, lo
 
 
 def train_language(adapter, *, seed: int, steps: int, batch: int, lr: float, tower_lr: float,
-                   log_every: int = 50, layout: str = "llava", adversarial_eps: float = 0.0, adversarial_steps: int = 1) -> list[float]:
+                   log_every: int = 50, layout: str = "llava", adversarial_eps: float = 0.0, adversarial_steps: int = 1,
+                   mix=shapes.GROUNDED_MIX) -> list[float]:
     """Stage 2: the whole VLM answers the questions; the pretrained tower moves slowly."""
     model = adapter.model
     tower = list(LAYOUTS[layout][3](adapter).parameters())
@@ -283,7 +286,7 @@ def train_language(adapter, *, seed: int, steps: int, batch: int, lr: float, tow
     losses = []
     for step in range(steps):
         stream = (seed, LANGUAGE_STREAM, step)
-        images, labels, _ = shapes.sample(stream, batch, shapes.GROUNDED_MIX)
+        images, labels, _ = shapes.sample(stream, batch, mix)
         text = question_batch(adapter, labels, stream)
         loss_of = lambda x: model(**adapter.pixel_inputs(adapter.normalise(x)), **text).loss
         loss = loss_of(_attack_half(images, loss_of, adversarial_eps, adversarial_steps))
@@ -310,7 +313,7 @@ def evaluate(adapter, *, seed: int = 0, n: int = 400, batch: int = 100, styles=N
     `styles`: default every style of shapes.STYLES whose answers the model has words for (a toy
     trained before "none" existed is not asked about shapeless images)."""
     if styles is None:
-        styles = [s for s in shapes.STYLES if s != "none" or "none" in adapter.tokenizer.get_vocab()]
+        styles = [s for s in shapes.STYLES if s not in shapes.NO_SHAPE_STYLES or "none" in adapter.tokenizer.get_vocab()]
     accuracy = {}
     for style in styles:
         s = shapes.STYLES.index(style)  # each style its own image stream, whichever are asked
@@ -364,9 +367,10 @@ def trainable_adapter(tokenizer, model, layout: str = "llava"):
 def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: int = 600, batch: int = 64,
           vision_lr: float = 3e-3, language_lr: float = 1e-3, tower_lr: float = 3e-4, eval_images: int = 400,
           model_sizes: dict | None = None, log_every: int = 50, layout: str = "llava", init=None,
-          adversarial_eps: float = 0.0, adversarial_steps: int = 1) -> dict:
+          adversarial_eps: float = 0.0, adversarial_steps: int = 1, decoys: float = 0.0) -> dict:
     """Train (from scratch, or on from the checkpoint `init`), evaluate on fresh images and save
-    the checkpoint plus `training.json` in `out_dir`."""
+    the checkpoint plus `training.json` in `out_dir`. `decoys`: the share of each batch drawn as
+    a decoy blob (answered "none"); the other styles keep their GROUNDED_MIX proportions."""
     if layout not in LAYOUTS:
         raise UserError(f"--layout takes one of {', '.join(LAYOUTS)}, not '{layout}'")
     check_replaceable(out_dir, lambda folder: (folder / "training.json").is_file(), "--out")  # before the long part
@@ -380,12 +384,15 @@ def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: i
     if init is not None:
         warm_start(model, tokenizer, init)
     adapter = trainable_adapter(tokenizer, model, layout)
+    mix = shapes.GROUNDED_MIX
+    if decoys:
+        mix = {style: weight * (1 - decoys) for style, weight in mix.items()} | {"decoy": decoys}
     vision_losses = pretrain_vision(adapter, seed=seed, steps=vision_steps, batch=batch, lr=vision_lr,
                                     log_every=log_every, layout=layout, adversarial_eps=adversarial_eps,
-                                    adversarial_steps=adversarial_steps)
+                                    adversarial_steps=adversarial_steps, mix=mix)
     language_losses = train_language(adapter, seed=seed, steps=language_steps, batch=batch, lr=language_lr,
                                      tower_lr=tower_lr, log_every=log_every, layout=layout,
-                                     adversarial_eps=adversarial_eps, adversarial_steps=adversarial_steps)
+                                     adversarial_eps=adversarial_eps, adversarial_steps=adversarial_steps, mix=mix)
     minutes = (time.time() - started) / 60
     adapter.model.eval()
     accuracy = evaluate(adapter, n=eval_images)
@@ -398,7 +405,7 @@ def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: i
                    "model_sizes": model_sizes or {}, "adversarial_eps": adversarial_eps,
                    "adversarial_steps": adversarial_steps,
                    "optimizer": "AdamW, linear warmup 5 %, cosine",
-                   "image_styles": shapes.GROUNDED_MIX,
+                   "image_styles": mix,
                    "pixel_mean": adapter.image_mean, "pixel_std": adapter.image_std},
         "held_out_accuracy": accuracy, "held_out_images_per_kind": eval_images,
         "final_loss": {"vision": float(np.mean(vision_losses[-20:] or [math.nan])),

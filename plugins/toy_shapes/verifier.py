@@ -23,7 +23,7 @@ from . import shapes
 
 WEIGHTS = Path(__file__).with_name("verifier.safetensors")
 TRAIN_STREAM, HELD_OUT_STREAM = 10, 11  # image streams of their own, apart from the VLM's
-SHAPE_STYLES = {style: weight for style, weight in shapes.GROUNDED_MIX.items() if style != "none"}
+SHAPE_STYLES = {style: weight for style, weight in shapes.GROUNDED_MIX.items() if style not in shapes.NO_SHAPE_STYLES}
 
 
 def _speckle(images, g):

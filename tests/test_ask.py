@@ -1,6 +1,7 @@
 """`mimic ask`: greedy answers and the most probable answers with their probabilities, on the toy
 (whose answers are known) and on every adapter's tiny model."""
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -29,6 +30,15 @@ def test_the_toy_answers_its_images_and_the_probabilities_are_the_answers_own(in
         pixels = adapter.preprocess([Image.open(path).convert("RGB")])
         forced = adapter.answer_probability(pixels, format_prompt(adapter, [("Describe the image.", row["answer"])]))
         assert 0.95 * forced.item() <= ps[0] <= forced.item() + 1e-5
+
+
+def test_toy_images_draw_a_style_and_the_toy_answers_nothing_to_shapeless_ones(in_tmp):
+    made = runner.invoke(app, ["toy", "images", "--out", "blank", "--n", "3", "--style", "none"])
+    assert made.exit_code == 0, made.output
+    rows = ask(load_model(device="cpu"), image_files(["blank"]), "Describe the image.", top=1, batch_size=3)
+    assert [row["answer"] for row in rows] == ["nothing"] * 3
+    wrong = runner.invoke(app, ["toy", "images", "--out", "x", "--style", "sketch"])
+    assert wrong.exit_code == 2 and "--style must be one of filled" in wrong.stderr and not Path("x").exists()
 
 
 def test_ask_command_prints_json_lines_and_refuses_a_missing_image_before_loading(in_tmp):

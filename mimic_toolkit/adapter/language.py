@@ -123,8 +123,9 @@ class LanguageModel:
     def top_answers(self, images: torch.Tensor, prompt: Prompt, k: int,
                     max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k most probable answers per image (beam search, k beams, no length penalty) and the
-        probability of each, its end token included: ids [B, k, T] and P [B, k]."""
-        out = self._generate(images, prompt, max_new_tokens=max_new_tokens, do_sample=False, num_beams=k,
+        probability of each, its end token included: ids [B, k, T] and P [B, k]. k = 1 searches
+        two beams: with one, generate is greedy and reports no sequence scores."""
+        out = self._generate(images, prompt, max_new_tokens=max_new_tokens, do_sample=False, num_beams=max(k, 2),
                              num_return_sequences=k, length_penalty=0.0, early_stopping=True,
                              output_scores=True, return_dict_in_generate=True)
         b = images.shape[0]

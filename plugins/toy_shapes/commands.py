@@ -87,11 +87,13 @@ def images_command(
     n: int = typer.Option(64, help="Number of images."),
     class_index: Optional[int] = typer.Option(None, help="One concept, 0-23 (the prompt file's); default: random ones."),
     seed: int = typer.Option(0),
+    style: str = typer.Option("filled", help="How to draw: filled, outline, blurred, noisy, faint, none (no "
+                              "shape) or decoy (a blob that is none of the four shapes)."),
 ):
     """Generated images of one toy concept (or of random ones), as files."""
     from .dataset import write_images
 
-    typer.echo(str(write_images(out, n=n, seed=seed, class_index=class_index)))
+    typer.echo(str(write_images(out, n=n, seed=seed, class_index=class_index, style=style)))
 
 
 @toy.command("dataset")

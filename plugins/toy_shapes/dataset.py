@@ -16,16 +16,19 @@ from . import shapes
 IMAGES_STREAM, DATASET_STREAM = 31, 32  # seed streams of their own: never training's images
 
 
-def write_images(out, *, n: int, seed: int = 0, class_index: int | None = None) -> Path:
-    """`n` PNGs of one concept (`class_index`, 0-23) or of random ones, into the new folder `out`."""
+def write_images(out, *, n: int, seed: int = 0, class_index: int | None = None, style: str = "filled") -> Path:
+    """`n` PNGs of one concept (`class_index`, 0-23) or of random ones, drawn in `style` (one of
+    shapes.STYLES), into the new folder `out`."""
     _check(out, n)
     if class_index is not None and not 0 <= class_index < len(shapes.SHAPES) * len(shapes.COLOURS):
         raise UserError(f"--class-index must be from 0 to 23 (the toy's concepts), not {class_index}")
+    if style not in shapes.STYLES:
+        raise UserError(f"--style must be one of {', '.join(shapes.STYLES)}, not '{style}'")
     rng = np.random.default_rng((seed, IMAGES_STREAM, 0 if class_index is None else class_index + 1))
     with atomic_folder(out) as folder:
         for i in range(n):
             label = class_index if class_index is not None else int(rng.integers(0, 24))
-            _save(shapes.render(*shapes.split_class(label), rng), folder / f"{i:05d}.png")
+            _save(shapes.render(*shapes.split_class(label), rng, style), folder / f"{i:05d}.png")
     return Path(out)
 
 

@@ -92,6 +92,20 @@ class Blur:
         return gaussian_blur(images, sigma) if sigma > 0.1 else images
 
 
+@dataclass(frozen=True)
+class Rotate:
+    """A turn by up to +-D degrees about the centre, reflect-padded: the toys' shapes and most
+    objects keep their name at any angle, so the answer must not hang on one orientation's pixels."""
+    degrees: float
+
+    def __call__(self, images, generator, box):
+        turn = math.radians(self.degrees) * (2 * torch.rand((), generator=generator).item() - 1)
+        cos, sin = math.cos(turn), math.sin(turn)
+        theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=images.dtype, device=images.device)
+        grid = F.affine_grid(theta.expand(images.shape[0], 2, 3), list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
 def parse(spec: str) -> tuple:
     """'crop:0.3-1,shift:4,flip,colour:0.1' -> the transforms, applied in that order."""
     out = []
@@ -129,6 +143,11 @@ def _build(name: str, arg: str):
         if not 0 < sigma <= 8:
             raise ValueError
         return Blur(sigma)
+    if name == "rotate":
+        degrees = float(arg)
+        if not 0 < degrees <= 180:
+            raise ValueError
+        return Rotate(degrees)
     raise ValueError
 
 

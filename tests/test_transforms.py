@@ -17,15 +17,16 @@ def test_the_spec_parses_into_values_in_order_and_a_bad_item_is_one_line():
     parsed = transforms.parse("crop:0.3-1, shift:4,flip,colour:0.1")
     assert parsed == (transforms.Crop(0.3, 1.0), transforms.Shift(4), transforms.Flip(), transforms.Colour(0.1))
     assert transforms.largest_shift(parsed) == 4
-    assert transforms.parse("blur:1.5") == (transforms.Blur(1.5),)
-    for bad in ("crop:0.5", "crop:0-1", "shift:-1", "colour:1.5", "rotate:10", "flip:2", "blur:0", "blur:x"):
+    assert transforms.parse("blur:1.5,rotate:30") == (transforms.Blur(1.5), transforms.Rotate(30.0))
+    for bad in ("crop:0.5", "crop:0-1", "shift:-1", "colour:1.5", "rotate:0", "rotate:200", "spin:10", "flip:2",
+                "blur:0", "blur:x"):
         with pytest.raises(UserError, match=f"transform '{bad}' is not one of"):
             transforms.parse(bad)
 
 
 def test_each_transform_keeps_the_shape_and_draws_only_from_the_generator():
     images = torch.rand(2, 3, 16, 16)
-    for transform in transforms.parse("crop:0.3-0.6,shift:3,flip,colour:0.2,blur:2"):
+    for transform in transforms.parse("crop:0.3-0.6,shift:3,flip,colour:0.2,blur:2,rotate:45"):
         a = transform(images, torch.Generator().manual_seed(1), BOX)
         b = transform(images, torch.Generator().manual_seed(1), BOX)
         assert a.shape == images.shape and torch.equal(a, b)
@@ -36,6 +37,19 @@ def test_each_transform_keeps_the_shape_and_draws_only_from_the_generator():
     checker = (torch.arange(16)[:, None] + torch.arange(16)[None]).remainder(2).float().expand(1, 3, 16, 16)
     blurred = transforms.gaussian_blur(checker, 1.5)
     assert abs(blurred.mean() - 0.5) < 0.01 and blurred.std() < 0.05 * checker.std()
+    # a turn keeps a centred disc where it is and moves an off-centre square, whole, elsewhere
+    ys, xs = torch.meshgrid(torch.arange(32) - 15.5, torch.arange(32) - 15.5, indexing="ij")
+    disc = ((ys ** 2 + xs ** 2) < 64).float().expand(1, 3, 32, 32)
+    square = torch.zeros(1, 3, 32, 32)
+    square[..., 8:12, 8:12] = 1
+    quarter = transforms.Rotate(90.0)
+    for seed in range(20):  # some draw turns by more than 60 degrees
+        turned = quarter(torch.cat([disc, square]), torch.Generator().manual_seed(seed), BOX)
+        if turned[1, :, 8:12, 8:12].mean() < 0.5:
+            break
+    else:
+        raise AssertionError("no draw of up to 90 degrees moved the square")
+    assert (turned[0] - disc[0]).abs().mean() < 0.05 and abs(turned[1].sum() - square.sum()) < 0.1 * square.sum()
     views = transforms.augment(images, transforms.parse("shift:3"), 4, torch.Generator().manual_seed(0), BOX)
     assert views.shape == (8, 3, 16, 16) and not torch.equal(views[:2], views[2:4])  # each view draws anew
 

@@ -17,8 +17,8 @@ MEMORY_SAVING = ("off", "selective", "layers")
 # what `transforms.py` and `parameterisations.py` parse (kept here: reading settings must not import torch)
 TRANSFORMS_HELP = ("comma list of crop:A-B (random resized crop of area A..B of the image), shift:J (up to J px, "
                    "reflect-padded), flip (horizontal, half the time), colour:S (per-channel gain and offset of up "
-                   "to S), blur:S (Gaussian, sigma up to S px), rotate:D (up to +-D "
-                   "degrees, reflect-padded); default: shift by --jitter and flip by --flip")
+                   "to S), blur:S (Gaussian, sigma up to S px), rotate:D (a turn of up to +-D degrees, "
+                   "reflect-padded); default: shift by --jitter and flip by --flip")
 PARAMETERISATION_HELP = ("pixel (optimise the pixels: the paper's) | fourier (a 1/f-scaled spectrum behind a sigmoid: "
                          "smooth, large structures rather than pixel-level noise) | lowres:F (an image F times "
                          "smaller, upsampled bilinearly, behind a sigmoid)")

@@ -94,8 +94,8 @@ class Blur:
 
 @dataclass(frozen=True)
 class Rotate:
-    """A turn by up to +-D degrees about the centre, reflect-padded: the toys' shapes and most
-    objects keep their name at any angle, so the answer must not hang on one orientation's pixels."""
+    """A turn by up to +-D degrees about the centre, reflect-padded: most objects keep their name
+    at any angle, so the answer must not hang on one orientation's pixels."""
     degrees: float
 
     def __call__(self, images, generator, box):

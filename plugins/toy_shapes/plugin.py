@@ -14,7 +14,8 @@ HERE = Path(__file__).parent
 # inversion quality"). Fourier parameterisation and the KL form of the feature statistics
 # recovered colour on the first toy; on the grounded one a 4-view ensemble with blur, lr 0.02 and
 # stronger TV turned speckled fields into compact objects (RESULTS.md, "The grounded toy"); on the
-# robust toy TV 1.5 smoothed the grounds and scored a little higher (RESULTS.md, "The robust toy").
+# robust toy TV 1.5 smoothed the grounds and scored a little higher (RESULTS.md, "Decoys, one
+# more robust round, and the inversion's last levers").
 TOY_DEFAULTS = {"iterations": 300, "batch_size": 4, "lr": 0.02, "min_lr": 1e-4, "jitter": 4, "flip": True,
                 "transforms": "crop:0.3-1,shift:4,flip,colour:0.1,blur:1.5", "views": 4,
                 "parameterisation": "fourier", "feature_form": "kl",

@@ -152,9 +152,34 @@ def test_adversarial_images_stay_within_eps_and_raise_the_loss():
     assert torch.equal(half[8:], images[8:]) and not torch.equal(half[:8], images[:8])
 
 
+def test_l2_attack_stays_in_its_ball_raises_the_loss_and_takes_every_other_step():
+    tokenizer = train.build_tokenizer()
+    torch.manual_seed(0)
+    adapter = train.trainable_adapter(tokenizer, train.build_model(tokenizer, vision_width=32, vision_layers=2,
+                                                                   text_width=32, text_layers=1))
+    images, labels = shapes.sample((0,), 16)
+    text = train.question_batch(adapter, labels, (0,))
+    loss_of = lambda x: adapter.model(**adapter.pixel_inputs(adapter.normalise(x)), **text).loss
+    eps = 3.0
+    moved = train.adversarial_l2(images, loss_of, eps)
+    norms = (moved - images).flatten(1).norm(dim=1)
+    assert (norms <= eps + 1e-5).all() and (norms > 0.8 * eps).all()  # inside the ball, and using its budget
+    assert moved.min() >= 0 and moved.max() <= 1
+    noise = torch.randn_like(images)
+    noise = (images + eps * noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1)).clamp(0, 1)
+    with torch.no_grad():  # the attack raises the loss, and far more than noise of the same norm
+        assert loss_of(moved) - loss_of(images) > 5 * (loss_of(noise) - loss_of(images)).abs() + 0.01
+    attacks = []
+    for step in (0, 1):
+        torch.manual_seed(0)
+        attacks.append(train._attack_half(images, loss_of, 4 / 255, l2=eps, step=step))
+    assert (attacks[0] - images).abs().max() <= 4 / 255 + 1e-6  # even steps: the L-inf attack
+    assert (attacks[1] - images).abs().max() > 4 / 255 and torch.equal(attacks[1][8:], images[8:])
+
+
 def test_tiny_training_is_reproducible_and_saves_a_loadable_checkpoint(tmp_path):
     tiny = dict(vision_steps=3, language_steps=3, batch=4, eval_images=4, log_every=0, adversarial_eps=0.02,
-                adversarial_steps=2, decoys=0.1,
+                adversarial_steps=2, adversarial_l2=0.5, decoys=0.1,
                 model_sizes={"vision_width": 32, "vision_layers": 2, "text_width": 32, "text_layers": 1})
     report = train.train(tmp_path, **tiny)
     train.train(tmp_path / "again", **tiny)
@@ -162,6 +187,7 @@ def test_tiny_training_is_reproducible_and_saves_a_loadable_checkpoint(tmp_path)
     assert all(set(row) == set(shapes.QUESTION_KINDS) for row in report["held_out_accuracy"].values())
     styles = report["recipe"]["image_styles"]
     assert styles["decoy"] == 0.1 and abs(sum(styles.values()) - 1) < 1e-9
+    assert report["recipe"]["adversarial_l2"] == 0.5
     weights = [(folder / "model.safetensors").read_bytes() for folder in (tmp_path, tmp_path / "again")]
     assert weights[0] == weights[1]
     adapter = LlavaLlama3Adapter.load(str(tmp_path))

@@ -30,6 +30,9 @@ def train_command(
     adversarial_steps: Optional[int] = typer.Option(None, min=1, help="Attack steps: 1 is FGSM with a random "
                                                     "start; more is PGD, stronger and that many times slower "
                                                     "(default: the recipe's, 1)."),
+    adversarial_l2: Optional[float] = typer.Option(None, min=0.0, help="With --adversarial-eps: every other "
+                                                   "step's attack is PGD-2 within this L2 norm per image instead "
+                                                   "(0-1 scale; 3 changes about nine pixels fully) (default: 0 = off)."),
     eval_images: Optional[int] = typer.Option(None, min=1, help="Held-out images per style and question type "
                                               "(default: the recipe's, 400)."),
     decoys: Optional[float] = typer.Option(None, min=0.0, max=0.5, help="Share of each batch drawn as a blob that "
@@ -43,7 +46,8 @@ def train_command(
 
     torch.set_num_threads(threads)
     steps = {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch, "vision_lr": vision_lr,
-             "adversarial_eps": adversarial_eps, "adversarial_steps": adversarial_steps, "eval_images": eval_images,
+             "adversarial_eps": adversarial_eps, "adversarial_steps": adversarial_steps,
+             "adversarial_l2": adversarial_l2, "eval_images": eval_images,
              "decoys": decoys}
     train(out, seed=seed, layout=layout, init=init, **{k: v for k, v in steps.items() if v is not None})
 

@@ -14,11 +14,13 @@ blurred, noisy, faint, and images with no shape at all, answered "none" / "nothi
 blobs that are none of the four shapes, also "none"), so the model's
 answers depend on the shape's geometry rather than on colour or texture (issue 10). With
 `adversarial_eps`, half of each batch is attacked first (FGSM, or PGD with `adversarial_steps`),
-so the input gradient an inversion climbs follows the shape too.
+so the input gradient an inversion climbs follows the shape too; with `adversarial_l2`, every other
+step's attack is bounded in L2 instead, which may change a few pixels a lot (a spot, a stub).
 
     mimic toy train --out my-toy                      # the LLaVA layout, from scratch
     mimic toy train --init plugins/toy_shapes/checkpoint-v1 --out my-toy   # on from a trained toy
     mimic toy train --init my-toy --adversarial-eps 0.0627 --vision-lr 1e-3 --out my-robust-toy
+    mimic toy train --init my-robust-toy --adversarial-eps 0.0627 --adversarial-l2 3 --vision-lr 1e-3 --out my-l2-toy
     mimic toy train --layout qwen2-vl --out my-toy-qwen
 """
 
@@ -214,13 +216,37 @@ def adversarial(images: torch.Tensor, loss_of, eps: float, steps: int = 1) -> to
     return (images + delta).clamp(0, 1).detach()
 
 
-def _attack_half(images: torch.Tensor, loss_of, eps: float, steps: int = 1) -> torch.Tensor:
-    """The first half of the batch made adversarial (the other half stays clean, for clean accuracy)."""
+def _per_image_norm(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+
+
+def adversarial_l2(images: torch.Tensor, loss_of, eps: float, steps: int = 2) -> torch.Tensor:
+    """`images` moved by at most `eps` in L2 norm per image (0-1 scale) to raise `loss_of(images)`:
+    PGD with normalised-gradient steps of 2.5 eps / steps from a random start inside the ball. An
+    L-inf bound of 16/255 cannot draw a saturated spot or stub; eps 3 can (about nine pixels fully
+    changed), and those are what the L-inf-robust toy answers "cross" to (RESULTS.md, "L2 rounds")."""
+    step = 2.5 * eps / steps
+    delta = torch.randn_like(images)
+    delta = delta / _per_image_norm(delta) * eps * torch.rand(len(images), *[1] * (images.dim() - 1))
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        grad, = torch.autograd.grad(loss_of((images + delta).clamp(0, 1)), delta)
+        delta = delta.detach() + step * grad / _per_image_norm(grad)
+        delta = delta * (eps / _per_image_norm(delta)).clamp(max=1)
+    return (images + delta).clamp(0, 1).detach()
+
+
+def _attack_half(images: torch.Tensor, loss_of, eps: float, steps: int = 1, l2: float = 0.0,
+                 step: int = 0) -> torch.Tensor:
+    """The first half of the batch made adversarial (the other half stays clean, for clean accuracy):
+    within `eps` per pixel, or on odd steps when `l2` > 0, within `l2` per image (PGD-2)."""
     if eps <= 0:
         return images
     half = len(images) // 2
-    return torch.cat([adversarial(images[:half], lambda x: loss_of(torch.cat([x, images[half:]])), eps, steps),
-                      images[half:]])
+    rest = lambda x: loss_of(torch.cat([x, images[half:]]))
+    attacked = adversarial_l2(images[:half], rest, l2) if l2 > 0 and step % 2 else \
+        adversarial(images[:half], rest, eps, steps)
+    return torch.cat([attacked, images[half:]])
 
 
 def train_step(loss, optimizer, scheduler, params) -> float:
@@ -243,7 +269,7 @@ def _schedule(optimizer, total_steps: int, warmup: int):
 
 def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, log_every: int = 50,
                     layout: str = "llava", adversarial_eps: float = 0.0, adversarial_steps: int = 1,
-                    mix=shapes.GROUNDED_MIX) -> list[float]:
+                    adversarial_l2: float = 0.0, mix=shapes.GROUNDED_MIX) -> list[float]:
     """Stage 1: tower + linear heads classify the 24 concepts, from the features the LM reads
     (LLaVA: layer -2's patch tokens; Qwen: the merged tokens) and from a second pooling of the
     tower (the CLS; the last block's patches), mean-pooled, as CLIP itself is trained."""
@@ -260,7 +286,7 @@ def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, lo
     for step in range(steps):
         images, labels, _ = shapes.sample((seed, VISION_STREAM, step), batch, mix)
         loss_of = lambda x: sum(F.cross_entropy(head(f), labels) for head, f in zip(heads, features_of(adapter, x)))
-        images = _attack_half(images, loss_of, adversarial_eps, adversarial_steps)
+        images = _attack_half(images, loss_of, adversarial_eps, adversarial_steps, adversarial_l2, step)
         features = features_of(adapter, images)
         patch_features = features[0]
         loss = sum(F.cross_entropy(head(f), labels) for head, f in zip(heads, features))
@@ -274,7 +300,7 @@ def pretrain_vision(adapter, *, seed: int, steps: int, batch: int, lr: float, lo
 
 def train_language(adapter, *, seed: int, steps: int, batch: int, lr: float, tower_lr: float,
                    log_every: int = 50, layout: str = "llava", adversarial_eps: float = 0.0, adversarial_steps: int = 1,
-                   mix=shapes.GROUNDED_MIX) -> list[float]:
+                   adversarial_l2: float = 0.0, mix=shapes.GROUNDED_MIX) -> list[float]:
     """Stage 2: the whole VLM answers the questions; the pretrained tower moves slowly."""
     model = adapter.model
     tower = list(LAYOUTS[layout][3](adapter).parameters())
@@ -289,7 +315,7 @@ def train_language(adapter, *, seed: int, steps: int, batch: int, lr: float, tow
         images, labels, _ = shapes.sample(stream, batch, mix)
         text = question_batch(adapter, labels, stream)
         loss_of = lambda x: model(**adapter.pixel_inputs(adapter.normalise(x)), **text).loss
-        loss = loss_of(_attack_half(images, loss_of, adversarial_eps, adversarial_steps))
+        loss = loss_of(_attack_half(images, loss_of, adversarial_eps, adversarial_steps, adversarial_l2, step))
         losses.append(train_step(loss, optimizer, scheduler, model.parameters()))
         if log_every and step % log_every == 0:
             print(f"language {step:5d} loss {losses[-1]:.3f}", flush=True)
@@ -367,7 +393,8 @@ def trainable_adapter(tokenizer, model, layout: str = "llava"):
 def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: int = 600, batch: int = 64,
           vision_lr: float = 3e-3, language_lr: float = 1e-3, tower_lr: float = 3e-4, eval_images: int = 400,
           model_sizes: dict | None = None, log_every: int = 50, layout: str = "llava", init=None,
-          adversarial_eps: float = 0.0, adversarial_steps: int = 1, decoys: float = 0.0) -> dict:
+          adversarial_eps: float = 0.0, adversarial_steps: int = 1, adversarial_l2: float = 0.0,
+          decoys: float = 0.0) -> dict:
     """Train (from scratch, or on from the checkpoint `init`), evaluate on fresh images and save
     the checkpoint plus `training.json` in `out_dir`. `decoys`: the share of each batch drawn as
     a decoy blob (answered "none"); the other styles keep their GROUNDED_MIX proportions."""
@@ -389,10 +416,11 @@ def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: i
         mix = {style: weight * (1 - decoys) for style, weight in mix.items()} | {"decoy": decoys}
     vision_losses = pretrain_vision(adapter, seed=seed, steps=vision_steps, batch=batch, lr=vision_lr,
                                     log_every=log_every, layout=layout, adversarial_eps=adversarial_eps,
-                                    adversarial_steps=adversarial_steps, mix=mix)
+                                    adversarial_steps=adversarial_steps, adversarial_l2=adversarial_l2, mix=mix)
     language_losses = train_language(adapter, seed=seed, steps=language_steps, batch=batch, lr=language_lr,
                                      tower_lr=tower_lr, log_every=log_every, layout=layout,
-                                     adversarial_eps=adversarial_eps, adversarial_steps=adversarial_steps, mix=mix)
+                                     adversarial_eps=adversarial_eps, adversarial_steps=adversarial_steps,
+                                     adversarial_l2=adversarial_l2, mix=mix)
     minutes = (time.time() - started) / 60
     adapter.model.eval()
     accuracy = evaluate(adapter, n=eval_images)
@@ -403,7 +431,7 @@ def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: i
         "recipe": {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch,
                    "vision_lr": vision_lr, "language_lr": language_lr, "tower_lr": tower_lr,
                    "model_sizes": model_sizes or {}, "adversarial_eps": adversarial_eps,
-                   "adversarial_steps": adversarial_steps,
+                   "adversarial_steps": adversarial_steps, "adversarial_l2": adversarial_l2,
                    "optimizer": "AdamW, linear warmup 5 %, cosine",
                    "image_styles": mix,
                    "pixel_mean": adapter.image_mean, "pixel_std": adapter.image_std},

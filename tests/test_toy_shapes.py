@@ -130,7 +130,8 @@ def test_tiny_training_lowers_the_loss(tmp_path):
     assert sum(language_losses[-5:]) < sum(language_losses[:5])
 
 
-def test_adversarial_images_stay_within_eps_and_raise_the_loss():
+def _tiny_attack_target():
+    """16 generated images and the loss of a tiny random toy answering one question about each."""
     tokenizer = train.build_tokenizer()
     torch.manual_seed(0)
     adapter = train.trainable_adapter(tokenizer, train.build_model(tokenizer, vision_width=32, vision_layers=2,
@@ -138,6 +139,11 @@ def test_adversarial_images_stay_within_eps_and_raise_the_loss():
     images, labels = shapes.sample((0,), 16)
     text = train.question_batch(adapter, labels, (0,))
     loss_of = lambda x: adapter.model(**adapter.pixel_inputs(adapter.normalise(x)), **text).loss
+    return images, loss_of
+
+
+def test_adversarial_images_stay_within_eps_and_raise_the_loss():
+    images, loss_of = _tiny_attack_target()
     eps = 4 / 255
     torch.manual_seed(0)
     moved = train.adversarial(images, loss_of, eps)
@@ -153,13 +159,7 @@ def test_adversarial_images_stay_within_eps_and_raise_the_loss():
 
 
 def test_l2_attack_stays_in_its_ball_raises_the_loss_and_takes_every_other_step():
-    tokenizer = train.build_tokenizer()
-    torch.manual_seed(0)
-    adapter = train.trainable_adapter(tokenizer, train.build_model(tokenizer, vision_width=32, vision_layers=2,
-                                                                   text_width=32, text_layers=1))
-    images, labels = shapes.sample((0,), 16)
-    text = train.question_batch(adapter, labels, (0,))
-    loss_of = lambda x: adapter.model(**adapter.pixel_inputs(adapter.normalise(x)), **text).loss
+    images, loss_of = _tiny_attack_target()
     eps = 3.0
     moved = train.adversarial_l2(images, loss_of, eps)
     norms = (moved - images).flatten(1).norm(dim=1)

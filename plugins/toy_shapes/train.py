@@ -224,7 +224,7 @@ def adversarial_l2(images: torch.Tensor, loss_of, eps: float, steps: int = 2) ->
     """`images` moved by at most `eps` in L2 norm per image (0-1 scale) to raise `loss_of(images)`:
     PGD with normalised-gradient steps of 2.5 eps / steps from a random start inside the ball. An
     L-inf bound of 16/255 cannot draw a saturated spot or stub; eps 3 can (about nine pixels fully
-    changed), and those are what the L-inf-robust toy answers "cross" to (RESULTS.md, "L2 rounds")."""
+    changed), the cues the L-inf-robust toy took for a shape (a circle's notch, a cross's stubs; RESULTS.md, "L2 rounds")."""
     step = 2.5 * eps / steps
     delta = torch.randn_like(images)
     delta = delta / _per_image_norm(delta) * eps * torch.rand(len(images), *[1] * (images.dim() - 1))

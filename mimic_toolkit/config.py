@@ -16,9 +16,9 @@ from .specs import terms_on
 MEMORY_SAVING = ("off", "selective", "layers")
 # what `transforms.py` and `parameterisations.py` parse (kept here: reading settings must not import torch)
 TRANSFORMS_HELP = ("comma list of crop:A-B (random resized crop of area A..B of the image), shift:J (up to J px, "
-                   "reflect-padded), flip (horizontal, half the time), colour:S (per-channel gain and offset of up "
-                   "to S), blur:S (Gaussian, sigma up to S px), rotate:D (a turn of up to +-D degrees, "
-                   "reflect-padded); default: shift by --jitter and flip by --flip")
+                   "padded with the image's mean colour), flip (horizontal, half the time), colour:S (per-channel "
+                   "gain and offset of up to S), blur:S (Gaussian, sigma up to S px), rotate:D (a turn of up to "
+                   "+-D degrees, the corners filled the same way); default: shift by --jitter and flip by --flip")
 PARAMETERISATION_HELP = ("pixel (optimise the pixels: the paper's) | fourier (a 1/f-scaled spectrum behind a sigmoid: "
                          "smooth, large structures rather than pixel-level noise) | lowres:F (an image F times "
                          "smaller, upsampled bilinearly, behind a sigmoid)")
@@ -62,9 +62,10 @@ class InversionConfig:
     # 0 <= min_lr <= lr, lr > 0: checked together
     lr: float = setting(0.3, "Initial learning rate (cosine decay).", OPTIMISATION)
     min_lr: float = setting(1e-5, "Final learning rate.", OPTIMISATION)
-    # below the image side too (a reflect pad must be smaller than the image): checked with the resolution
-    jitter: int = setting(30, "Random shift in pixels (reflect-padded). Given without --transforms, it (or "
-                                     "--flip) replaces a model's default --transforms.", OPTIMISATION, valid=(0, None))
+    # below the image side too (a larger shift moves the image out of view): checked with the resolution
+    jitter: int = setting(30, "Random shift in pixels (padded with the image's mean colour). Given without "
+                              "--transforms, it (or --flip) replaces a model's default --transforms.", OPTIMISATION,
+                          valid=(0, None))
     flip: bool = setting(True, "Random horizontal flips.", OPTIMISATION)
     transforms: str | None = setting(None, f"Augmentations: {TRANSFORMS_HELP}.", OPTIMISATION)
     views: int = setting(1, "Augmented views of each image per step, losses averaged (an augmentation ensemble).",

@@ -314,8 +314,8 @@ def check_inputs(config: InversionConfig, spec: AdapterSpec, needs_checkpoint: b
 
 
 def _check_shift(config: InversionConfig, side: int | None, problems: list[str] | None) -> None:
-    """The reflect pad of a shift must be smaller than the image: added to `problems`, or raised
-    when there is no list to add to."""
+    """A shift must be smaller than the image (a larger one moves it out of view): added to
+    `problems`, or raised when there is no list to add to."""
     shift = largest_shift(from_settings(config.transforms, config.jitter, config.flip))
     if side and shift >= side:
         name = "the shift in --transforms" if config.transforms else "jitter"

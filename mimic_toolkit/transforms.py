@@ -29,8 +29,17 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(rows, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
+def _mean_padded(images: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Pad each image with its own mean colour. Not a reflection: a reflected half-object at the
+    border reads as a whole one, which let inversions park their objects on the border, cut in
+    half (RESULTS.md, "Padding by the mean colour")."""
+    fill = images.mean(dim=(2, 3), keepdim=True)
+    return F.pad(images - fill, (pixels,) * 4) + fill
+
+
 @dataclass(frozen=True)
 class Shift:
+    """A move by up to +-J px each way, padded with the image's mean colour."""
     pixels: int
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator, box) -> torch.Tensor:
@@ -39,7 +48,7 @@ class Shift:
             return images
         dx, dy = torch.randint(0, 2 * j + 1, (2,), generator=generator).tolist()
         side = images.shape[-1]
-        padded = F.pad(images, (j,) * 4, mode="reflect")
+        padded = _mean_padded(images, j)
         return padded[:, :, dy:dy + side, dx:dx + side].contiguous()  # one layout for every offset
 
 
@@ -94,8 +103,9 @@ class Blur:
 
 @dataclass(frozen=True)
 class Rotate:
-    """A turn by up to +-D degrees about the centre, reflect-padded: most objects keep their name
-    at any angle, so the answer must not hang on one orientation's pixels."""
+    """A turn by up to +-D degrees about the centre, the corners filled with the image's mean
+    colour: most objects keep their name at any angle, so the answer must not hang on one
+    orientation's pixels."""
     degrees: float
 
     def __call__(self, images, generator, box):
@@ -103,7 +113,8 @@ class Rotate:
         cos, sin = math.cos(turn), math.sin(turn)
         theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=images.dtype, device=images.device)
         grid = F.affine_grid(theta.expand(images.shape[0], 2, 3), list(images.shape), align_corners=False)
-        return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        fill = images.mean(dim=(2, 3), keepdim=True)
+        return F.grid_sample(images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
 
 
 def parse(spec: str) -> tuple:
@@ -159,7 +170,7 @@ def from_settings(spec: str | None, jitter: int, flip: bool) -> tuple:
 
 
 def largest_shift(transforms: tuple) -> int:
-    """The widest reflect pad the transforms ask for (it must be smaller than the image)."""
+    """The widest shift the transforms ask for (it must be smaller than the image)."""
     return max((t.pixels for t in transforms if isinstance(t, Shift)), default=0)
 
 

@@ -49,9 +49,24 @@ def test_each_transform_keeps_the_shape_and_draws_only_from_the_generator():
             break
     else:
         raise AssertionError("no draw of up to 90 degrees moved the square")
-    assert (turned[0] - disc[0]).abs().mean() < 0.05 and abs(turned[1].sum() - square.sum()) < 0.1 * square.sum()
+    assert (turned[0] - disc[0]).abs().mean() < 0.05
+    assert abs((turned[1] > 0.5).sum() - (square > 0.5).sum()) <= 0.1 * (square > 0.5).sum()
     views = transforms.augment(images, transforms.parse("shift:3"), 4, torch.Generator().manual_seed(0), BOX)
     assert views.shape == (8, 3, 16, 16) and not torch.equal(views[:2], views[2:4])  # each view draws anew
+
+
+def test_a_shift_or_turn_fills_with_the_image_mean_colour_not_a_mirror_of_the_border():
+    # an object cut by the left border: a reflection would show the model it whole, twice as wide
+    image = torch.zeros(1, 3, 16, 16)
+    image[:, 0, 4:12, :4] = 1
+    mean = image.mean(dim=(2, 3), keepdim=True)
+    seed = next(s for s in range(100) if torch.randint(0, 9, (2,), generator=torch.Generator().manual_seed(s))[0] == 0)
+    shifted = transforms.Shift(4)(image, torch.Generator().manual_seed(seed), BOX)  # moved 4 px right
+    assert torch.allclose(shifted[..., :4], mean.expand(1, 3, 16, 4))
+    assert (shifted[:, 0] == 1).sum() == (image[:, 0] == 1).sum()  # the object moved in whole, unmirrored
+    turned = transforms.Rotate(180.0)(image, torch.Generator().manual_seed(2), BOX)
+    assert 0.58 < torch.rand((), generator=torch.Generator().manual_seed(2)) < 0.67  # this draw turns by 30-60 degrees
+    assert torch.allclose(turned[..., 0, 0], mean[..., 0, 0], atol=1e-6)  # a corner the turn left empty
 
 
 def test_the_default_is_exactly_shift_by_jitter_then_flip(tiny_llava):

@@ -29,12 +29,13 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(rows, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
-def _mean_padded(images: torch.Tensor, pixels: int) -> torch.Tensor:
-    """Pad each image with its own mean colour. Not a reflection: a reflected half-object at the
-    border reads as a whole one, which let inversions park their objects on the border, cut in
-    half (RESULTS.md, "Padding by the mean colour")."""
+def _filled_with_mean(images: torch.Tensor, move) -> torch.Tensor:
+    """`move(images)` for a move that fills what it uncovers with zeros, with each image's own mean
+    colour there instead. Not a reflection: a reflected half-object at the border reads as a whole
+    one, which let inversions park their objects on the border, cut in half (RESULTS.md, "Padding by
+    the mean colour")."""
     fill = images.mean(dim=(2, 3), keepdim=True)
-    return F.pad(images - fill, (pixels,) * 4) + fill
+    return move(images - fill) + fill
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Shift:
             return images
         dx, dy = torch.randint(0, 2 * j + 1, (2,), generator=generator).tolist()
         side = images.shape[-1]
-        padded = _mean_padded(images, j)
+        padded = _filled_with_mean(images, lambda x: F.pad(x, (j,) * 4))
         return padded[:, :, dy:dy + side, dx:dx + side].contiguous()  # one layout for every offset
 
 
@@ -113,8 +114,8 @@ class Rotate:
         cos, sin = math.cos(turn), math.sin(turn)
         theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=images.dtype, device=images.device)
         grid = F.affine_grid(theta.expand(images.shape[0], 2, 3), list(images.shape), align_corners=False)
-        fill = images.mean(dim=(2, 3), keepdim=True)
-        return F.grid_sample(images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+        return _filled_with_mean(images, lambda x: F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
+                                                                 align_corners=False))
 
 
 def parse(spec: str) -> tuple:

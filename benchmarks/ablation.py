@@ -114,7 +114,7 @@ def main():
     parser.add_argument("--scale", action="append", default=[], help="NAME=VALUE: override a term's scale")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--jitter", type=int, default=None)
-    parser.add_argument("--parameterisation", default=None, help="pixel | fourier (default: the toy model's)")
+    parser.add_argument("--parameterisation", default=None, help="pixel | fourier[:D] | lowres:F (default: the toy model's)")
     parser.add_argument("--feature-form", default=None, help="l2 | kl (default: the toy model's)")
     parser.add_argument("--init", default=None, help="noise | blank (default: the toy model's)")
     parser.add_argument("--threads", type=int, default=2, help="1 is faster when other work shares the cores")

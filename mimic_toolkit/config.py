@@ -19,9 +19,10 @@ TRANSFORMS_HELP = ("comma list of crop:A-B (random resized crop of area A..B of 
                    "padded with the image's mean colour), flip (horizontal, half the time), colour:S (per-channel "
                    "gain and offset of up to S), blur:S (Gaussian, sigma up to S px), rotate:D (a turn of up to "
                    "+-D degrees, the corners filled the same way); default: shift by --jitter and flip by --flip")
-PARAMETERISATION_HELP = ("pixel (optimise the pixels: the paper's) | fourier (a 1/f-scaled spectrum behind a sigmoid: "
-                         "smooth, large structures rather than pixel-level noise) | lowres:F (an image F times "
-                         "smaller, upsampled bilinearly, behind a sigmoid)")
+PARAMETERISATION_HELP = ("pixel (optimise the pixels: the paper's) | fourier[:D] (a 1/f^D-scaled spectrum behind a "
+                         "sigmoid, D 1 unless given, up to 3: smooth, large structures rather than pixel-level "
+                         "noise; a larger D, larger and smoother) | lowres:F (an image F times smaller, upsampled "
+                         "bilinearly, behind a sigmoid)")
 
 # the panels of `mimic invert --help`, in their order there
 PANELS = WHAT, OPTIMISATION, OBJECTIVE, RUN = "What to invert", "Optimisation", "Objective", "Execution and outputs"

@@ -36,7 +36,10 @@ class Pixel:
 
 @dataclass(frozen=True)
 class Fourier:
-    """A spectrum [B, 3, H, W//2+1, 2] scaled by 1/frequency, through a sigmoid; blank = mid grey."""
+    """A spectrum [B, 3, H, W//2+1, 2] scaled by 1/frequency**decay, through a sigmoid; blank = mid
+    grey. A steeper decay moves the low frequencies further per step than the high ones: larger,
+    smoother regions (lucid's `decay_power`; 1 is lucid's default)."""
+    decay: float = 1.0
     latent_is_image = False
 
     def start(self, shape, init, generator, box):
@@ -48,8 +51,8 @@ class Fourier:
 
     def images(self, latent, box, side):
         low, high = box
-        x = torch.fft.irfft2(torch.view_as_complex(latent) * _spectrum_scale(side, latent.device), s=(side, side),
-                             norm="ortho") / 4  # lucid's scaling
+        scale = _spectrum_scale(side, self.decay, latent.device)
+        x = torch.fft.irfft2(torch.view_as_complex(latent) * scale, s=(side, side), norm="ortho") / 4  # lucid's scaling
         return low + (high - low) * torch.sigmoid(x)
 
     def after_step(self, latent, box):
@@ -78,18 +81,28 @@ class LowRes:
 
 
 @functools.lru_cache(maxsize=8)
-def _spectrum_scale(side: int, device: torch.device) -> torch.Tensor:
-    """1 / frequency per spectrum entry [side, side // 2 + 1]: made once per side and device, not every step."""
+def _spectrum_scale(side: int, decay: float, device: torch.device) -> torch.Tensor:
+    """1 / frequency**decay per spectrum entry [side, side // 2 + 1]: made once per side, decay and
+    device, not every step."""
     fy, fx = torch.fft.fftfreq(side, device=device)[:, None], torch.fft.rfftfreq(side, device=device)
-    return 1 / (fx ** 2 + fy ** 2).sqrt().clamp_min(1 / side)
+    return 1 / (fx ** 2 + fy ** 2).sqrt().clamp_min(1 / side) ** decay
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def parse(spec: str):
     name, _, arg = spec.partition(":")
     if name == "pixel" and not arg:
         return Pixel()
-    if name == "fourier" and not arg:
-        return Fourier()
+    if name == "fourier":
+        decay = _number(arg) if arg else 1.0
+        if decay is not None and 0 < decay <= 3:
+            return Fourier(decay)
     if name == "lowres" and arg.isdigit() and int(arg) >= 1:
         return LowRes(int(arg))
     raise UserError(f"parameterisation must be {HELP}; not '{spec}'")

@@ -58,7 +58,7 @@ def test_models_json_and_plugins():
     assert llava["plugin"] == "llava_llama3" and llava["resolution"] == 336
     assert llava["defaults"] == {}  # the core's defaults are the reference's LLaVA settings
     toy = next(m for m in models if m["id"] == "toy-shapes")
-    assert toy["defaults"]["lr"] == 0.04  # only what differs from the core's
+    assert toy["defaults"]["lr"] == 0.04 and toy["defaults"]["parameterisation"] == "fourier:1.5"  # only what differs
     plugins = invoke("plugins").output
     assert "llava_llama3: register_adapters" in plugins
     core = next(line for line in plugins.splitlines() if line.startswith("core:"))

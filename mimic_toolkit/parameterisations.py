@@ -1,4 +1,4 @@
-"""What the optimiser moves, as values: the pixels themselves (the paper's), a 1/f-scaled Fourier
+"""What the optimiser moves, as values: the pixels themselves (the paper's), a 1/f^D-scaled Fourier
 spectrum behind a sigmoid (lucid's: smooth, large structures), or a lower-resolution image
 upsampled (coarse structure only). Each makes its starting latent from the inversion's seeded
 generator and turns the latent into normalised images in the model's pixel box."""

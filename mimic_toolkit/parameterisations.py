@@ -88,20 +88,16 @@ def _spectrum_scale(side: int, decay: float, device: torch.device) -> torch.Tens
     return 1 / (fx ** 2 + fy ** 2).sqrt().clamp_min(1 / side) ** decay
 
 
-def _number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
 def parse(spec: str):
     name, _, arg = spec.partition(":")
     if name == "pixel" and not arg:
         return Pixel()
     if name == "fourier":
-        decay = _number(arg) if arg else 1.0
-        if decay is not None and 0 < decay <= 3:
+        try:
+            decay = float(arg) if arg else 1.0
+        except ValueError:
+            decay = 0.0  # not a number: refused below, like any decay out of range
+        if 0 < decay <= 3:
             return Fourier(decay)
     if name == "lowres" and arg.isdigit() and int(arg) >= 1:
         return LowRes(int(arg))

@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
@@ -179,14 +180,14 @@ def test_l2_attack_stays_in_its_ball_raises_the_loss_and_takes_every_other_step(
 
 def test_tiny_training_is_reproducible_and_saves_a_loadable_checkpoint(tmp_path):
     tiny = dict(vision_steps=3, language_steps=3, batch=4, eval_images=4, log_every=0, adversarial_eps=0.02,
-                adversarial_steps=2, adversarial_l2=0.5, decoys=0.1,
+                adversarial_steps=2, adversarial_l2=0.5, mix={"filled": 1, "outline": 3}, decoys=0.1,
                 model_sizes={"vision_width": 32, "vision_layers": 2, "text_width": 32, "text_layers": 1})
     report = train.train(tmp_path, **tiny)
     train.train(tmp_path / "again", **tiny)
     assert set(report["held_out_accuracy"]) == set(shapes.STYLES)
     assert all(set(row) == set(shapes.QUESTION_KINDS) for row in report["held_out_accuracy"].values())
     styles = report["recipe"]["image_styles"]
-    assert styles["decoy"] == 0.1 and abs(sum(styles.values()) - 1) < 1e-9
+    assert styles == pytest.approx({"filled": 0.225, "outline": 0.675, "decoy": 0.1})  # the mix, then decoys
     assert report["recipe"]["adversarial_l2"] == 0.5
     weights = [(folder / "model.safetensors").read_bytes() for folder in (tmp_path, tmp_path / "again")]
     assert weights[0] == weights[1]
@@ -220,4 +221,16 @@ def test_init_that_is_not_a_toy_checkpoint_is_one_line(tmp_path):
 
     result = CliRunner().invoke(app, ["toy", "train", "--init", str(tmp_path), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "--init" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mix, complaint", [("outline:lots", "STYLE:WEIGHT"), ("outline:1,blob:1", "unknown style 'blob'"),
+                                            ("outline:0", "not all 0")])
+def test_a_malformed_mix_is_one_line_before_any_training(tmp_path, mix, complaint):
+    from typer.testing import CliRunner
+
+    from mimic_toolkit.cli import app
+
+    result = CliRunner().invoke(app, ["toy", "train", "--mix", mix, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and complaint in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()

@@ -35,6 +35,9 @@ def train_command(
                                                    "(0-1 scale; 3 changes about nine pixels fully) (default: 0 = off)."),
     eval_images: Optional[int] = typer.Option(None, min=1, help="Held-out images per style and question type "
                                               "(default: the recipe's, 400)."),
+    mix: Optional[str] = typer.Option(None, help="Each image style's share of a batch, STYLE:WEIGHT,... e.g. "
+                                      "\"filled:0.3,outline:0.4,none:0.1\" (weights are normalised; default: "
+                                      "the grounded recipe's, shapes.GROUNDED_MIX)."),
     decoys: Optional[float] = typer.Option(None, min=0.0, max=0.5, help="Share of each batch drawn as a blob that "
                                            "is none of the four shapes, answered \"none\" (default: the recipe's, 0)."),
 ):
@@ -42,13 +45,13 @@ def train_command(
     per image style and question type and writes it to training.json beside the checkpoint."""
     import torch
 
-    from .train import train
+    from .train import parse_mix, train
 
     torch.set_num_threads(threads)
     steps = {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch, "vision_lr": vision_lr,
              "adversarial_eps": adversarial_eps, "adversarial_steps": adversarial_steps,
              "adversarial_l2": adversarial_l2, "eval_images": eval_images,
-             "decoys": decoys}
+             "decoys": decoys, "mix": parse_mix(mix) if mix else None}
     train(out, seed=seed, layout=layout, init=init, **{k: v for k, v in steps.items() if v is not None})
 
 

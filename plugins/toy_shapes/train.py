@@ -10,9 +10,9 @@ so training and inversion see the same sequences; the model learns the answer pl
 adapter normalises them.
 
 The images mix every style of `shapes.STYLES` (`shapes.GROUNDED_MIX`: filled shapes, outlines,
-blurred, noisy, faint, and images with no shape at all, answered "none" / "nothing"; `decoys` adds
-blobs that are none of the four shapes, also "none"), so the model's
-answers depend on the shape's geometry rather than on colour or texture (issue 10). With
+blurred, noisy, faint, and images with no shape at all, answered "none" / "nothing"; `mix` sets
+each style's share; `decoys` adds blobs that are none of the four shapes, also "none"), so the
+model's answers depend on the shape's geometry rather than on colour or texture (issue 10). With
 `adversarial_eps`, half of each batch is attacked first (FGSM, or PGD with `adversarial_steps`),
 so the input gradient an inversion climbs follows the shape too; with `adversarial_l2`, every other
 step's attack is bounded in L2 instead, which may change a few pixels a lot (a spot, a stub).
@@ -390,19 +390,43 @@ def trainable_adapter(tokenizer, model, layout: str = "llava"):
     return adapter
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """`"outline:0.4,filled:0.3"` -> {"outline": 0.4, "filled": 0.3} (`--mix`; `train` checks the styles)."""
+    mix = {}
+    for part in text.split(","):
+        style, _, weight = part.partition(":")
+        try:
+            mix[style.strip()] = float(weight)
+        except ValueError:
+            raise UserError(f"--mix {text!r}: each part is STYLE:WEIGHT, e.g. outline:0.4, not {part!r}") from None
+    return mix
+
+
+def check_mix(mix: dict[str, float]) -> dict[str, float]:
+    unknown = [style for style in mix if style not in shapes.STYLES]
+    if unknown:
+        raise UserError(f"--mix: unknown style {unknown[0]!r} (styles: {', '.join(shapes.STYLES)})")
+    if any(weight < 0 for weight in mix.values()) or sum(mix.values()) <= 0:
+        raise UserError("--mix: weights are >= 0 and not all 0")
+    total = sum(mix.values())
+    return {style: weight / total for style, weight in mix.items()}
+
+
 def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: int = 600, batch: int = 64,
           vision_lr: float = 3e-3, language_lr: float = 1e-3, tower_lr: float = 3e-4, eval_images: int = 400,
           model_sizes: dict | None = None, log_every: int = 50, layout: str = "llava", init=None,
           adversarial_eps: float = 0.0, adversarial_steps: int = 1, adversarial_l2: float = 0.0,
-          decoys: float = 0.0) -> dict:
+          mix: dict[str, float] | None = None, decoys: float = 0.0) -> dict:
     """Train (from scratch, or on from the checkpoint `init`), evaluate on fresh images and save
-    the checkpoint plus `training.json` in `out_dir`. `decoys`: the share of each batch drawn as
-    a decoy blob (answered "none"); the other styles keep their GROUNDED_MIX proportions."""
+    the checkpoint plus `training.json` in `out_dir`. `mix`: each style's share of a batch
+    (default GROUNDED_MIX); `decoys`: the share of each batch drawn as a decoy blob (answered
+    "none"), the other styles keeping their proportions."""
     if layout not in LAYOUTS:
         raise UserError(f"--layout takes one of {', '.join(LAYOUTS)}, not '{layout}'")
     check_replaceable(out_dir, lambda folder: (folder / "training.json").is_file(), "--out")  # before the long part
     if init is not None and not (Path(init) / "config.json").is_file():
         raise UserError(f"--init {init}: no checkpoint there (config.json missing)")
+    mix = check_mix(mix or shapes.GROUNDED_MIX)
     torch.manual_seed(seed)
     started = time.time()
     make_tokenizer, make_model, _, _, _ = LAYOUTS[layout]
@@ -411,7 +435,6 @@ def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: i
     if init is not None:
         warm_start(model, tokenizer, init)
     adapter = trainable_adapter(tokenizer, model, layout)
-    mix = shapes.GROUNDED_MIX
     if decoys:
         mix = {style: weight * (1 - decoys) for style, weight in mix.items()} | {"decoy": decoys}
     vision_losses = pretrain_vision(adapter, seed=seed, steps=vision_steps, batch=batch, lr=vision_lr,

@@ -412,6 +412,11 @@ def check_mix(mix: dict[str, float]) -> dict[str, float]:
     return {style: weight / total for style, weight in mix.items()}
 
 
+def _final_loss(losses: list[float]) -> float | None:
+    """The mean of the last 20 steps; None (JSON null, not NaN) for a stage that was skipped."""
+    return float(np.mean(losses[-20:])) if losses else None
+
+
 def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: int = 600, batch: int = 64,
           vision_lr: float = 3e-3, language_lr: float = 1e-3, tower_lr: float = 3e-4, eval_images: int = 400,
           model_sizes: dict | None = None, log_every: int = 50, layout: str = "llava", init=None,
@@ -459,8 +464,7 @@ def train(out_dir, *, seed: int = 0, vision_steps: int = 5000, language_steps: i
                    "image_styles": mix,
                    "pixel_mean": adapter.image_mean, "pixel_std": adapter.image_std},
         "held_out_accuracy": accuracy, "held_out_images_per_kind": eval_images,
-        "final_loss": {"vision": float(np.mean(vision_losses[-20:] or [math.nan])),
-                       "language": float(np.mean(language_losses[-20:] or [math.nan]))},
+        "final_loss": {"vision": _final_loss(vision_losses), "language": _final_loss(language_losses)},
     }
     with atomic_folder(out_dir, replace=True) as out:  # the old checkpoint stays whole until the new one is
         adapter.model.save_pretrained(out, safe_serialization=True)

@@ -22,6 +22,11 @@ parser.add_argument("--train", type=int, default=4000, help="probe training imag
 parser.add_argument("--test", type=int, default=1000, help="held-out images per style")
 parser.add_argument("--threads", type=int, default=2)
 args = parser.parse_args()
+shape_styles = [style for style in shapes.STYLES if style not in shapes.NO_SHAPE_STYLES]
+styles = args.styles.split(",")
+for style in styles:  # all checked before the model loads
+    if style not in shape_styles:
+        parser.error(f"--styles: {style!r} is not a style with a shape ({', '.join(shape_styles)})")
 torch.set_num_threads(args.threads)
 adapter = load_model("toy-shapes", checkpoint=args.checkpoint, device="cpu")
 
@@ -32,16 +37,13 @@ def features(stream: tuple, n: int, style: str):
     rows, labels = [], []
     for start in range(0, n, 200):
         images, classes, _ = shapes.sample((*stream, start), min(200, n - start), {style: 1.0})
-        hidden = adapter.vision_tower(adapter.normalise(images), output_hidden_states=True).hidden_states[-2]
-        rows.append(hidden[:, 1:].mean(dim=1))
+        rows.append(train.clip_features(adapter, images)[0])
         labels.append(classes // len(shapes.COLOURS))
     return torch.cat(rows), torch.cat(labels)
 
 
 print("| style | probe: shape accuracy (held-out) |\n|---|---|")
-for s, style in enumerate(args.styles.split(",")):
-    if style not in shapes.STYLES or style in shapes.NO_SHAPE_STYLES:
-        parser.error(f"--styles: {style!r} is not a style with a shape ({', '.join(shapes.STYLES[:5])})")
+for s, style in enumerate(styles):
     x, y = features((0, train.HELD_OUT_STREAM, 50, s), args.train, style)
     x_test, y_test = features((0, train.HELD_OUT_STREAM, 51, s), args.test, style)
     mean, std = x.mean(0), x.std(0) + 1e-5

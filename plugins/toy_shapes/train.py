@@ -145,13 +145,13 @@ def build_qwen_model(tokenizer, *, vision_width=64, vision_layers=4, text_width=
     return Qwen2VLForConditionalGeneration(config)
 
 
-def _clip_features(adapter, images: torch.Tensor) -> list[torch.Tensor]:
+def clip_features(adapter, images: torch.Tensor) -> list[torch.Tensor]:
     """The features LLaVA reads (layer -2, patch tokens, mean-pooled) and the pooled CLS."""
     out = adapter.vision_tower(adapter.normalise(images), output_hidden_states=True)
     return [out.hidden_states[-2][:, 1:].mean(dim=1), out.pooler_output]
 
 
-def _qwen_features(adapter, images: torch.Tensor) -> list[torch.Tensor]:
+def qwen_features(adapter, images: torch.Tensor) -> list[torch.Tensor]:
     """The merged tokens the LM reads and the last block's patch tokens, each mean-pooled per image."""
     inputs = adapter.pixel_inputs(adapter.normalise(images))
     out = adapter.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
@@ -161,8 +161,8 @@ def _qwen_features(adapter, images: torch.Tensor) -> list[torch.Tensor]:
 
 # layout -> (tokenizer, model, adapter class, tower of the adapter, pooled tower features for stage 1)
 LAYOUTS = {
-    "llava": (build_tokenizer, build_model, LlavaLlama3Adapter, lambda a: a.vision_tower, _clip_features),
-    "qwen2-vl": (build_qwen_tokenizer, build_qwen_model, Qwen2VLAdapter, lambda a: a.visual, _qwen_features),
+    "llava": (build_tokenizer, build_model, LlavaLlama3Adapter, lambda a: a.vision_tower, clip_features),
+    "qwen2-vl": (build_qwen_tokenizer, build_qwen_model, Qwen2VLAdapter, lambda a: a.visual, qwen_features),
 }
 
 

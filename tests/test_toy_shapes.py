@@ -240,3 +240,21 @@ def test_a_malformed_mix_is_one_line_before_any_training(tmp_path, mix, complain
     result = CliRunner().invoke(app, ["toy", "train", "--mix", mix, "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and complaint in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_tower_lr_zero_holds_the_tower_while_the_rest_of_the_vlm_trains(tmp_path):
+    from typer.testing import CliRunner
+
+    from mimic_toolkit.cli import app
+
+    result = CliRunner().invoke(app, ["toy", "train", "--init", str(CHECKPOINT), "--out", str(tmp_path / "out"),
+                                      "--vision-steps", "0", "--language-steps", "2", "--batch", "2",
+                                      "--eval-images", "1", "--tower-lr", "0", "--language-lr", "1e-3"])
+    assert result.exit_code == 0, result.output
+    old, new = (LlavaForConditionalGeneration.from_pretrained(folder).state_dict()
+                for folder in (CHECKPOINT, tmp_path / "out"))
+    moved = {name for name in old if not torch.equal(old[name], new[name])}
+    assert moved and not any(name.startswith("model.vision_tower.") for name in moved)
+    assert any(name.startswith("model.multi_modal_projector.") for name in moved)
+    recipe = json.loads((tmp_path / "out" / "training.json").read_text())["recipe"]
+    assert recipe["tower_lr"] == 0 and recipe["language_lr"] == 1e-3

@@ -22,6 +22,10 @@ def train_command(
     batch: Optional[int] = typer.Option(None, min=1, help="Images per step (default: the recipe's)."),
     vision_lr: Optional[float] = typer.Option(None, help="Peak learning rate of the vision stage (default: the "
                                               "recipe's, 3e-3; lower it to go on from --init)."),
+    language_lr: Optional[float] = typer.Option(None, min=0.0, help="Peak learning rate of the whole-VLM stage for "
+                                                "everything but the tower (default: the recipe's, 1e-3)."),
+    tower_lr: Optional[float] = typer.Option(None, min=0.0, help="Peak learning rate of the tower in the whole-VLM "
+                                             "stage (default: the recipe's, 3e-4; 0 holds the tower as it is)."),
     init: Optional[Path] = typer.Option(None, help="Start from this trained toy checkpoint (same layout and "
                                         "sizes) instead of from scratch; new words start fresh."),
     adversarial_eps: Optional[float] = typer.Option(None, min=0.0, max=0.25, help="Train half of each batch on "
@@ -49,8 +53,8 @@ def train_command(
 
     torch.set_num_threads(threads)
     steps = {"vision_steps": vision_steps, "language_steps": language_steps, "batch": batch, "vision_lr": vision_lr,
-             "adversarial_eps": adversarial_eps, "adversarial_steps": adversarial_steps,
-             "adversarial_l2": adversarial_l2, "eval_images": eval_images,
+             "language_lr": language_lr, "tower_lr": tower_lr, "adversarial_eps": adversarial_eps,
+             "adversarial_steps": adversarial_steps, "adversarial_l2": adversarial_l2, "eval_images": eval_images,
              "decoys": decoys, "mix": parse_mix(mix) if mix else None}
     train(out, seed=seed, layout=layout, init=init, **{k: v for k, v in steps.items() if v is not None})
 
